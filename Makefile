@@ -1,0 +1,34 @@
+# Set-up and entry points. Every target creates the virtual environment in
+# .venv first, so each works on a fresh machine with Python 3.10 or newer.
+#
+#   make run                          run the pipeline from the pinned upstream commit
+#   make run SOURCE=/path/to/data     run it on a local copy of the upstream data/ folder
+#   make test                         run the test suite
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+export PATH := $(BIN):$(PATH)
+
+.PHONY: install run test clean
+
+$(VENV)/installed: requirements.txt constraints.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	touch $@
+
+install: $(VENV)/installed
+
+run: install
+ifdef SOURCE
+	dvc exp run -S 'data.source=$(abspath $(SOURCE))'
+else
+	dvc repro
+endif
+
+test: install
+	$(BIN)/python -m pytest -ra
+
+clean:
+	rm -rf $(VENV) dvc_plots .pytest_cache

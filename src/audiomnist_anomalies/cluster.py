@@ -1,0 +1,301 @@
+"""Stage ``cluster``: group recordings by where in frequency their spectra fail to fit.
+
+The per-frequency reconstruction errors from the detect stage are mapped
+to two dimensions with PaCMAP and clustered with k-means on that map. The
+mean error per frequency of each cluster (its error profile) shows which
+part of the spectrum sets its members apart, which is the start of a
+classification of anomaly types without labels.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.metrics import silhouette_score
+
+from .cli import exit_with, run_stage
+from .errors import PipelineError
+from .mapping import pacmap_embedding
+from .outputs import load_npy, read_csv, save_figure, write_csv, write_json
+
+log = logging.getLogger("audiomnist_anomalies.cluster")
+
+ERRORS_PATH = Path("data/errors.npy")
+FREQUENCIES_PATH = Path("data/frequencies.npy")
+SCORES_PATH = Path("data/scores.csv")
+CLUSTERS_PATH = Path("data/clusters.csv")
+PROFILES_PATH = Path("plots/error_profiles.csv")
+MAP_FIGURE_PATH = Path("plots/error_map.png")
+PROFILES_FIGURE_PATH = Path("plots/error_profiles.png")
+METRICS_PATH = Path("metrics/cluster.json")
+
+
+def cluster_map(
+    embedding: np.ndarray, n_clusters: int, random_state: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster map coordinates with k-means.
+
+    Returns
+    -------
+    labels : np.ndarray [shape=(n,), dtype=int]
+        Cluster of each point, numbered by decreasing cluster size.
+    distances : np.ndarray [shape=(n,)]
+        Distance of each point to its cluster centre.
+    """
+    model = KMeans(n_clusters=n_clusters, random_state=random_state, n_init=10)
+    labels = model.fit_predict(embedding.astype(np.float64))
+    distances = np.linalg.norm(embedding - model.cluster_centers_[labels], axis=1)
+    # Renumber so cluster 0 is the largest; ties keep k-means order.
+    sizes = np.bincount(labels, minlength=n_clusters)
+    order = sorted(range(n_clusters), key=lambda label: (-sizes[label], label))
+    renumber = np.empty(n_clusters, dtype=int)
+    renumber[order] = np.arange(n_clusters)
+    return renumber[labels], distances
+
+
+def error_profiles(errors: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndarray:
+    """Return the mean per-frequency error of each cluster, shape (n_clusters, n_freq)."""
+    profiles = np.zeros((n_clusters, errors.shape[1]))
+    for label in range(n_clusters):
+        members = labels == label
+        if members.any():
+            profiles[label] = errors[members].mean(axis=0, dtype=np.float64)
+    return profiles
+
+
+def frequency_bands(edges_hz: list[float], nyquist_hz: float) -> list[tuple[float, float]]:
+    """Cut the configured band edges at the Nyquist frequency.
+
+    The last band always ends at the Nyquist frequency, so every spectrum
+    column belongs to exactly one band.
+    """
+    # The FFT's last frequency can exceed the Nyquist frequency by a rounding error.
+    inner = [edge for edge in edges_hz if edge < nyquist_hz * (1 - 1e-9)]
+    bounds = inner + [nyquist_hz]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def describe_profile(
+    profile: np.ndarray,
+    reference: np.ndarray,
+    frequencies: np.ndarray,
+    bands: list[tuple[float, float]],
+) -> dict[str, Any]:
+    """Summarize one error profile by frequency band.
+
+    Parameters
+    ----------
+    profile : np.ndarray [shape=(n_freq,)]
+        Mean error per frequency of one cluster.
+    reference : np.ndarray [shape=(n_freq,)]
+        Mean error per frequency over all recordings.
+    frequencies : np.ndarray [shape=(n_freq,)]
+        Frequency of each column in Hz.
+    bands : list of (low, high)
+        Frequency bands in Hz; the last one includes its upper edge.
+
+    Returns
+    -------
+    dict
+        ``dominant_band_hz``: band with the largest share of the profile's
+        total error, and that share. ``excess_band_hz``: band where the
+        profile exceeds the reference the most, and the ratio.
+        ``peak_frequency_hz``: frequency of the largest error.
+    """
+    shares, ratios = [], []
+    total = float(profile.sum())
+    for index, (low, high) in enumerate(bands):
+        last = index == len(bands) - 1
+        inside = (frequencies >= low) & ((frequencies <= high) if last else (frequencies < high))
+        band_error = float(profile[inside].sum())
+        reference_error = float(reference[inside].sum())
+        shares.append(band_error / total if total > 0 else 0.0)
+        ratios.append(band_error / reference_error if reference_error > 0 else 0.0)
+    dominant = int(np.argmax(shares))
+    excess = int(np.argmax(ratios))
+    return {
+        "dominant_band_hz": [float(bands[dominant][0]), float(bands[dominant][1])],
+        "dominant_band_share": round(shares[dominant], 4),
+        "excess_band_hz": [float(bands[excess][0]), float(bands[excess][1])],
+        "excess_ratio": round(ratios[excess], 4),
+        "peak_frequency_hz": round(float(frequencies[int(np.argmax(profile))]), 3),
+        "mean_error": float(profile.mean()),
+    }
+
+
+def profile_name(description: dict[str, Any], overall_mean_error: float) -> str:
+    """Name a cluster from its profile.
+
+    A cluster whose mean error is at most the overall mean is "typical";
+    any other is named by the band where it exceeds the overall profile the
+    most, for example "excess 2000-3400 Hz (3.1x)".
+    """
+    level = description["mean_error"] / overall_mean_error if overall_mean_error > 0 else 0
+    if level <= 1.0:
+        return f"typical ({level:.1f}x mean error)"
+    low, high = description["excess_band_hz"]
+    return f"excess {low:g}-{high:g} Hz ({description['excess_ratio']:.1f}x)"
+
+
+def draw_map(embedding: np.ndarray, labels: np.ndarray, names: list[str], title: str):
+    """Draw the error map with one colour per cluster and its name in the legend."""
+    from .plotting import plt
+
+    figure, axes = plt.subplots(figsize=(9, 6.5))
+    colours = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+    for label, name in enumerate(names):
+        members = labels == label
+        axes.scatter(
+            embedding[members, 0],
+            embedding[members, 1],
+            s=8,
+            color=colours(label % colours.N),
+            label=f"{label}: n={int(members.sum())}, {name}",
+            alpha=0.8,
+            linewidths=0,
+        )
+        if members.any():
+            centre = embedding[members].mean(axis=0)
+            axes.annotate(
+                str(label), centre, fontsize=11, fontweight="bold", ha="center", va="center"
+            )
+    axes.legend(fontsize=7, markerscale=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    axes.set_xlabel("PaCMAP 1")
+    axes.set_ylabel("PaCMAP 2")
+    axes.set_title(title)
+    figure.tight_layout()
+    return figure
+
+
+def draw_profiles(profiles: np.ndarray, frequencies: np.ndarray, names: list[str]):
+    """Draw every cluster's mean error profile against frequency, log scale."""
+    from .plotting import plt
+
+    figure, axes = plt.subplots(figsize=(9, 5))
+    colours = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+    floor = np.finfo(np.float32).tiny
+    for label, name in enumerate(names):
+        axes.plot(
+            frequencies,
+            np.maximum(profiles[label], floor),
+            lw=0.8,
+            color=colours(label % colours.N),
+            label=f"{label}: {name}",
+        )
+    axes.set_yscale("log")
+    axes.set_xlabel("frequency (Hz)")
+    axes.set_ylabel("mean squared reconstruction error")
+    axes.set_title("Mean reconstruction error per frequency, by cluster")
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    figure.tight_layout()
+    return figure
+
+
+def cluster(params: dict[str, dict[str, Any]]) -> str:
+    """Run the cluster stage with validated parameters; return its summary line."""
+    settings = params["cluster"]
+    errors = load_npy(ERRORS_PATH)
+    frequencies = load_npy(FREQUENCIES_PATH)
+    scores = read_csv(SCORES_PATH)
+    n_recordings = errors.shape[0]
+    n_clusters = settings["n_clusters"]
+    if n_clusters > n_recordings:
+        raise PipelineError(
+            f"cluster.n_clusters = {n_clusters} exceeds the {n_recordings} recordings; "
+            "lower it in params.yaml"
+        )
+    if len(scores) != n_recordings or frequencies.shape[0] != errors.shape[1]:
+        raise PipelineError(
+            f"{ERRORS_PATH}, {FREQUENCIES_PATH} and {SCORES_PATH} disagree in shape; "
+            "rerun the pipeline (dvc repro)"
+        )
+    log.info(
+        "cluster: PaCMAP of %d error profiles, %d clusters", n_recordings, n_clusters
+    )
+    embedding, method = pacmap_embedding(
+        errors,
+        n_neighbors=settings["n_neighbors"],
+        mn_ratio=settings["mn_ratio"],
+        fp_ratio=settings["fp_ratio"],
+        random_state=settings["random_state"],
+        parameter_prefix="cluster",
+    )
+    labels, distances = cluster_map(embedding, n_clusters, settings["random_state"])
+    profiles = error_profiles(errors, labels, n_clusters)
+    reference = errors.mean(axis=0, dtype=np.float64)
+    bands = frequency_bands(settings["band_edges_hz"], float(frequencies[-1]))
+    descriptions = [
+        describe_profile(profile, reference, frequencies, bands) for profile in profiles
+    ]
+    names = [
+        profile_name(description, float(reference.mean())) for description in descriptions
+    ]
+    sizes = np.bincount(labels, minlength=n_clusters)
+    silhouette = None
+    if 2 <= n_clusters < n_recordings and len(np.unique(labels)) > 1:
+        silhouette = round(float(silhouette_score(embedding, labels)), 6)
+
+    write_csv(
+        CLUSTERS_PATH,
+        ("recording_id", "cluster", "x", "y", "distance_to_centre"),
+        (
+            (
+                row["recording_id"],
+                int(labels[i]),
+                float(embedding[i, 0]),
+                float(embedding[i, 1]),
+                float(distances[i]),
+            )
+            for i, row in enumerate(scores)
+        ),
+    )
+    write_csv(
+        PROFILES_PATH,
+        ("frequency_hz", "cluster", "mean_error"),
+        (
+            (float(frequencies[column]), f"cluster {label}", float(profiles[label, column]))
+            for label in range(n_clusters)
+            for column in range(frequencies.shape[0])
+        ),
+    )
+    save_figure(
+        draw_map(embedding, labels, names, f"Map of reconstruction errors ({method}), k-means"),
+        MAP_FIGURE_PATH,
+    )
+    save_figure(draw_profiles(profiles, frequencies, names), PROFILES_FIGURE_PATH)
+    write_json(
+        METRICS_PATH,
+        {
+            "n_clusters": n_clusters,
+            "method": method,
+            "silhouette": silhouette,
+            "sizes": {str(label): int(size) for label, size in enumerate(sizes)},
+            "clusters": {
+                str(label): dict(description, name=names[label], size=int(sizes[label]))
+                for label, description in enumerate(descriptions)
+            },
+        },
+    )
+    return (
+        f"{n_clusters} clusters of sizes {', '.join(str(int(size)) for size in sizes)}; "
+        f"silhouette {silhouette}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point of the cluster stage."""
+    return run_stage(
+        "cluster",
+        "Map the per-frequency reconstruction errors with PaCMAP, cluster the map "
+        "with k-means and summarize each cluster's error profile.",
+        lambda params, options: cluster(params),
+        argv,
+    )
+
+
+if __name__ == "__main__":
+    exit_with(main())

@@ -1,0 +1,523 @@
+"""Stage ``fetch``: put the recordings of one digit into ``data/raw``.
+
+AudioMNIST (Becker et al. 2018, repository ``soerenab/AudioMNIST``, MIT
+License) has 60 speakers x 10 digits x 50 repetitions = 30,000 WAV files
+of 16-bit PCM at 48 kHz, about 1 GB, in ``data/{speaker}/{digit}_{speaker}_
+{repetition}.wav``, with speaker metadata in ``data/audioMNIST_meta.txt``.
+One digit is 3,000 files, about 211 MB.
+
+The source is either ``github:OWNER/REPO@COMMIT``, from which only the
+selected digit's files are downloaded, or a local folder in the upstream
+``data/`` layout, which is copied. Downloads run in parallel with retries,
+resume partial files with HTTP range requests, and verify every file
+against its git blob hash at the pinned commit before it is accepted. The
+hashes come from a manifest shipped with the package for the default
+commit and digit, or else from the GitHub trees API.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import requests
+from tqdm import tqdm
+
+from .cli import exit_with, run_stage
+from .errors import DownloadError, ParameterError
+from .metadata import METADATA_FILE
+from .outputs import atomic_directory, write_text
+from .params import GITHUB_SOURCE
+
+log = logging.getLogger(__name__)
+
+RAW_DIR = Path("data/raw")
+DOWNLOAD_DIR = Path("data/.download")
+CHUNK_SIZE = 1 << 16
+BACKOFF_SECONDS = 0.25
+RECORDING_NAME = re.compile(r"^(?P<digit>\d)_(?P<speaker>\d+)_(?P<repetition>\d+)\.wav$")
+# HTTP statuses worth retrying: rate limits and server-side failures.
+RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file of the upstream repository at a pinned commit.
+
+    Attributes
+    ----------
+    path : str
+        Path inside the repository, for example ``data/01/6_01_0.wav``.
+    size : int
+        Size in bytes.
+    git_sha1 : str
+        Git blob hash: SHA-1 of ``b"blob <size>\\0"`` followed by the content.
+    """
+
+    path: str
+    size: int
+    git_sha1: str
+
+
+def git_blob_sha1(path: Path) -> str:
+    """Return the git blob hash of a file, as ``git hash-object`` prints it."""
+    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """Return the SHA-256 hex digest of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def is_selected(relative_path: str, digit: int) -> bool:
+    """Tell whether an upstream ``data/`` path belongs to the download of ``digit``.
+
+    Selected are the metadata file and ``{speaker}/{digit}_*.wav`` files.
+    """
+    parts = relative_path.split("/")
+    if parts == [METADATA_FILE]:
+        return True
+    if len(parts) != 2:
+        return False
+    match = RECORDING_NAME.match(parts[1])
+    return bool(match) and int(match["digit"]) == digit
+
+
+def load_manifest(commit: str, digit: int) -> list[RemoteFile] | None:
+    """Return the shipped file list for ``commit`` and ``digit``, if there is one."""
+    name = f"{commit}-digit{digit}.tsv"
+    manifest = resources.files("audiomnist_anomalies") / "manifests" / name
+    if not manifest.is_file():
+        return None
+    files = []
+    for line in manifest.read_text(encoding="utf-8").splitlines():
+        if not line or line.startswith("#"):
+            continue
+        path, size, git_sha1, _sha256 = line.split("\t")
+        files.append(RemoteFile(path, int(size), git_sha1))
+    return files
+
+
+def _unsafe_path(path: str) -> bool:
+    parts = path.split("/")
+    return (
+        path.startswith("/")
+        or "\\" in path
+        or any(part in ("", ".", "..") for part in parts)
+    )
+
+
+def select_remote_files(entries: list[dict[str, Any]], digit: int) -> list[RemoteFile]:
+    """Pick the digit's blobs under ``data/`` from a git tree listing.
+
+    Raises
+    ------
+    DownloadError
+        If an entry has a path that could write outside the output folder,
+        or the listing has no recordings of the digit.
+    """
+    files = []
+    for entry in entries:
+        path = str(entry.get("path", ""))
+        if entry.get("type") != "blob" or not path.startswith("data/"):
+            continue
+        if _unsafe_path(path):
+            raise DownloadError(f"the repository listing has an unsafe path {path!r}")
+        if not is_selected(path[len("data/") :], digit):
+            continue
+        sha = str(entry.get("sha", ""))
+        if not re.fullmatch(r"[0-9a-f]{40}", sha) or not isinstance(entry.get("size"), int):
+            raise DownloadError(f"the repository listing has no valid hash or size for {path}")
+        files.append(RemoteFile(path, entry["size"], sha))
+    if not any(file.path.endswith(".wav") for file in files):
+        raise DownloadError(f"the repository listing has no recordings of digit {digit}")
+    return sorted(files, key=lambda file: file.path)
+
+
+class Downloader:
+    """HTTP client with retries, exponential back-off and resumable downloads.
+
+    Parameters
+    ----------
+    retries : int
+        Extra attempts after a failed request.
+    timeout : float
+        Connect and read timeout in seconds.
+    sleep : callable
+        Waits between attempts; tests pass a no-op.
+    """
+
+    def __init__(
+        self, retries: int, timeout: float, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
+        self.retries = retries
+        self.timeout = timeout
+        self.sleep = sleep
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = "audiomnist-anomalies"
+        self._progress_lock = threading.Lock()
+
+    def _backoff(self, attempt: int) -> None:
+        self.sleep(BACKOFF_SECONDS * 2**attempt)
+
+    def get_json(self, url: str) -> Any:
+        """GET ``url`` and decode JSON, retrying transient failures."""
+        headers = {"Accept": "application/vnd.github+json"}
+        token = os.environ.get("GITHUB_TOKEN")
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        last_error: Exception | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self._backoff(attempt - 1)
+            try:
+                response = self.session.get(url, headers=headers, timeout=self.timeout)
+            except (requests.ConnectionError, requests.Timeout) as error:
+                last_error = error
+                continue
+            if response.status_code in RETRY_STATUSES:
+                last_error = DownloadError(f"HTTP {response.status_code} from {url}")
+                continue
+            if response.status_code != 200:
+                raise DownloadError(
+                    f"HTTP {response.status_code} from {url}: "
+                    f"{response.text[:200].strip()}"
+                )
+            try:
+                return response.json()
+            except ValueError:
+                raise DownloadError(f"the response from {url} is not JSON") from None
+        raise _unreachable(url, last_error)
+
+    def download(
+        self, url: str, file: RemoteFile, target: Path, progress: tqdm | None = None
+    ) -> bool:
+        """Download one file to ``target``, resuming ``target.part`` if present.
+
+        The file is verified against its size and git blob hash before it is
+        renamed to ``target``, so ``target`` exists only when it is correct.
+
+        Returns
+        -------
+        bool
+            True if bytes were transferred, False if ``target`` was already
+            present and verified.
+
+        Raises
+        ------
+        DownloadError
+            After ``retries`` failed attempts, or at once for a missing file.
+        """
+        if target.exists():
+            if target.stat().st_size == file.size and git_blob_sha1(target) == file.git_sha1:
+                self._advance(progress, file.size)
+                return False
+            target.unlink()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".part")
+        if partial.exists():
+            self._advance(progress, min(partial.stat().st_size, file.size))
+        last_error: Exception | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self._backoff(attempt - 1)
+            offset = partial.stat().st_size if partial.exists() else 0
+            if offset > file.size:
+                partial.unlink()
+                self._advance(progress, -file.size)
+                offset = 0
+            try:
+                if offset < file.size:
+                    self._transfer(url, partial, offset, progress)
+            except (
+                requests.ConnectionError,
+                requests.Timeout,
+                requests.exceptions.ChunkedEncodingError,
+            ) as error:
+                last_error = error
+                continue
+            except _RetryableStatus as error:
+                last_error = error
+                continue
+            size = partial.stat().st_size if partial.exists() else 0
+            if size < file.size:
+                last_error = DownloadError(
+                    f"{file.path}: transfer stopped at {size} of {file.size} bytes"
+                )
+                continue
+            if size > file.size or git_blob_sha1(partial) != file.git_sha1:
+                partial.unlink()
+                last_error = DownloadError(
+                    f"{file.path}: content does not match the git blob hash "
+                    f"{file.git_sha1} of the pinned commit"
+                )
+                self._advance(progress, -size)
+                continue
+            os.replace(partial, target)
+            return True
+        if isinstance(last_error, DownloadError):
+            raise DownloadError(f"{last_error} (after {self.retries + 1} attempts)")
+        raise _unreachable(url, last_error)
+
+    def _transfer(
+        self, url: str, partial: Path, offset: int, progress: tqdm | None
+    ) -> None:
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        with self.session.get(url, headers=headers, stream=True, timeout=self.timeout) as response:
+            if response.status_code == 416:
+                # The server holds fewer bytes than the partial file: start over.
+                partial.unlink(missing_ok=True)
+                self._advance(progress, -offset)
+                raise _RetryableStatus(f"HTTP 416 from {url}")
+            if response.status_code in RETRY_STATUSES:
+                raise _RetryableStatus(f"HTTP {response.status_code} from {url}")
+            if response.status_code == 200:
+                mode = "wb"
+                self._advance(progress, -offset)
+            elif response.status_code == 206 and offset:
+                mode = "ab"
+            else:
+                raise DownloadError(
+                    f"HTTP {response.status_code} from {url}; check data.source and "
+                    "data.raw_url in params.yaml"
+                )
+            with open(partial, mode) as handle:
+                for chunk in response.iter_content(CHUNK_SIZE):
+                    handle.write(chunk)
+                    self._advance(progress, len(chunk))
+
+    def _advance(self, progress: tqdm | None, count: int) -> None:
+        if progress is not None and count:
+            with self._progress_lock:
+                progress.update(count)
+
+
+class _RetryableStatus(Exception):
+    pass
+
+
+def _unreachable(url: str, error: Exception | None) -> DownloadError:
+    return DownloadError(
+        f"cannot reach {url} ({type(error).__name__ if error else 'no response'}: "
+        f"{error}). Without network access, point data.source at a local copy of "
+        "the upstream data/ folder, for example "
+        "'dvc exp run -S data.source=/path/to/AudioMNIST/data' or edit params.yaml."
+    )
+
+
+def list_remote_files(
+    downloader: Downloader, api_url: str, repo: str, commit: str, digit: int
+) -> list[RemoteFile]:
+    """List the digit's files at ``commit`` with the GitHub git trees API.
+
+    A recursive listing of the whole repository is tried first. GitHub
+    truncates very large listings, and then the ``data`` folder is walked
+    one speaker folder at a time.
+    """
+    base = f"{api_url.rstrip('/')}/repos/{repo}/git/trees"
+    listing = downloader.get_json(f"{base}/{commit}?recursive=1")
+    if not listing.get("truncated"):
+        return select_remote_files(listing.get("tree", []), digit)
+    top = downloader.get_json(f"{base}/{commit}")
+    data_tree = next(
+        (entry for entry in top.get("tree", []) if entry.get("path") == "data"), None
+    )
+    if data_tree is None:
+        raise DownloadError(f"{repo}@{commit} has no data/ folder")
+    entries = []
+    data_listing = downloader.get_json(f"{base}/{data_tree['sha']}")
+    for entry in data_listing.get("tree", []):
+        if entry.get("type") == "tree":
+            speaker = downloader.get_json(f"{base}/{entry['sha']}")
+            for child in speaker.get("tree", []):
+                child = dict(child, path=f"data/{entry['path']}/{child.get('path', '')}")
+                entries.append(child)
+        else:
+            entries.append(dict(entry, path=f"data/{entry.get('path', '')}"))
+    return select_remote_files(entries, digit)
+
+
+def write_checksums(folder: Path) -> int:
+    """Write ``SHA256SUMS`` for every file under ``folder``; return the file count."""
+    files = sorted(
+        path for path in folder.rglob("*") if path.is_file() and path.name != "SHA256SUMS"
+    )
+    lines = [f"{sha256_file(path)}  {path.relative_to(folder).as_posix()}" for path in files]
+    write_text(folder / "SHA256SUMS", "".join(line + "\n" for line in lines))
+    return len(files)
+
+
+def fetch_remote(
+    repo: str,
+    commit: str,
+    digit: int,
+    output: Path,
+    *,
+    api_url: str,
+    raw_url: str,
+    retries: int,
+    timeout: float,
+    workers: int,
+    download_dir: Path = DOWNLOAD_DIR,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Download and verify the digit's files, then move them to ``output``.
+
+    Verified files and partial downloads are kept in ``download_dir``
+    between runs, so an interrupted fetch resumes where it stopped.
+
+    Returns
+    -------
+    int
+        Number of recordings in ``output``.
+    """
+    downloader = Downloader(retries, timeout, sleep=sleep)
+    files = load_manifest(commit, digit)
+    if files is None:
+        files = list_remote_files(downloader, api_url, repo, commit, digit)
+    staging = download_dir / f"{commit}-digit{digit}"
+    staging.mkdir(parents=True, exist_ok=True)
+    total = sum(file.size for file in files)
+    log.info(
+        "fetch: %d files (%.1f MB) of digit %d from %s@%s",
+        len(files),
+        total / 1e6,
+        digit,
+        repo,
+        commit[:12],
+    )
+    raw_base = f"{raw_url.rstrip('/')}/{repo}/{commit}"
+    with tqdm(
+        total=total, unit="B", unit_scale=True, desc="download", disable=None
+    ) as progress:
+
+        def fetch_one(file: RemoteFile) -> bool:
+            target = staging / file.path[len("data/") :]
+            return downloader.download(f"{raw_base}/{file.path}", file, target, progress)
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            transferred = sum(pool.map(fetch_one, files))
+    log.info("fetch: %d files transferred, %d already verified", transferred, len(files) - transferred)
+    wanted = {file.path[len("data/") :] for file in files}
+    with atomic_directory(output) as folder:
+        for relative in sorted(wanted):
+            destination = folder / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(staging / relative, destination)
+        write_checksums(folder)
+    shutil.rmtree(staging, ignore_errors=True)
+    return sum(1 for name in wanted if name.endswith(".wav"))
+
+
+def fetch_local(source: Path, digit: int, output: Path) -> int:
+    """Copy the digit's recordings and the metadata file from a local folder.
+
+    Every ``.wav`` file below ``source`` is copied with its relative path
+    unless its name marks it as a recording of another digit, so that the
+    spectra stage can accept or reject each remaining file with a reason.
+
+    Returns
+    -------
+    int
+        Number of WAV files copied.
+
+    Raises
+    ------
+    ParameterError
+        If ``source`` is not a folder or holds no WAV files of the digit.
+    """
+    if not source.is_dir():
+        raise ParameterError(
+            f"data.source {str(source)!r} is not a folder. Give the path of a "
+            "local copy of the upstream data/ folder ({speaker}/{digit}_{speaker}_"
+            "{repetition}.wav and audioMNIST_meta.txt), or the default "
+            "github:soerenab/AudioMNIST@<commit>."
+        )
+    selected = []
+    other_digits = 0
+    for path in sorted(source.rglob("*")):
+        if not path.is_file() or path.suffix.lower() != ".wav":
+            continue
+        match = RECORDING_NAME.match(path.name)
+        if match and int(match["digit"]) != digit:
+            other_digits += 1
+            continue
+        selected.append(path)
+    if not selected:
+        raise ParameterError(
+            f"data.source {str(source)!r} has no .wav files of digit {digit}; "
+            "expected files such as 01/6_01_0.wav"
+        )
+    log.info(
+        "fetch: copying %d files of digit %d from %s (%d files of other digits skipped)",
+        len(selected),
+        digit,
+        source,
+        other_digits,
+    )
+    with atomic_directory(output) as folder:
+        for path in tqdm(selected, desc="copy", unit="file", disable=None):
+            destination = folder / path.relative_to(source)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, destination)
+        metadata = source / METADATA_FILE
+        if metadata.is_file():
+            shutil.copyfile(metadata, folder / METADATA_FILE)
+        else:
+            log.warning("fetch: %s not found; the analysis continues without metadata", metadata)
+        write_checksums(folder)
+    return len(selected)
+
+
+def fetch(params: dict[str, dict[str, Any]], output: Path = RAW_DIR) -> str:
+    """Run the fetch stage with validated parameters; return its summary line."""
+    data = params["data"]
+    match = GITHUB_SOURCE.match(data["source"])
+    if match:
+        count = fetch_remote(
+            match["repo"],
+            match["commit"],
+            data["digit"],
+            output,
+            api_url=data["api_url"],
+            raw_url=data["raw_url"],
+            retries=data["retries"],
+            timeout=data["timeout"],
+            workers=data["workers"],
+        )
+    else:
+        count = fetch_local(Path(data["source"]).expanduser(), data["digit"], output)
+    return f"{count} recordings in {output}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point of the fetch stage."""
+    return run_stage(
+        "fetch",
+        "Download (or copy from a local folder) the recordings of one digit "
+        "into data/raw, verifying every downloaded file.",
+        lambda params, options: fetch(params),
+        argv,
+    )
+
+
+if __name__ == "__main__":
+    exit_with(main())

@@ -1,0 +1,142 @@
+"""Write stage outputs atomically and reproducibly.
+
+Every writer puts the content in a temporary file next to the target and
+renames it into place, so a stage killed at any moment leaves each output
+either complete or absent. Figures are saved without time stamps or
+software versions in their metadata, so the same data give the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path | str, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path that replaces ``target`` when the block succeeds.
+
+    The temporary file lives in the target's folder, so the final
+    ``os.replace`` is a rename within one file system. On any exception the
+    temporary file is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent
+    )
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path | str) -> Iterator[Path]:
+    """Yield a temporary folder that replaces the folder ``target`` on success."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield temporary
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(temporary, target)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def write_bytes(target: Path | str, data: bytes) -> None:
+    """Write ``data`` to ``target`` atomically."""
+    with atomic_path(target) as temporary:
+        temporary.write_bytes(data)
+
+
+def write_text(target: Path | str, text: str) -> None:
+    """Write UTF-8 ``text`` with Unix line ends to ``target`` atomically."""
+    write_bytes(target, text.encode("utf-8"))
+
+
+def write_json(target: Path | str, value: Any) -> None:
+    """Write ``value`` as indented JSON with sorted keys, atomically."""
+    write_text(target, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def write_npy(target: Path | str, array: np.ndarray) -> None:
+    """Save ``array`` in NumPy ``.npy`` format (no pickled objects), atomically."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    write_bytes(target, buffer.getvalue())
+
+
+def load_npy(path: Path | str) -> np.ndarray:
+    """Load a ``.npy`` file without ever unpickling objects."""
+    return np.load(path, allow_pickle=False)
+
+
+def format_value(value: Any) -> str:
+    """Format one CSV cell: shortest round-trip text for floats, '' for None/NaN."""
+    if value is None:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if isinstance(value, (float, np.floating)):
+        if not np.isfinite(value):
+            return ""
+        return repr(float(value))
+    return str(value)
+
+
+def write_csv(
+    target: Path | str, header: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> None:
+    """Write rows under ``header`` as CSV with ``\\n`` line ends, atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([format_value(value) for value in row])
+    write_text(target, buffer.getvalue())
+
+
+def read_csv(path: Path | str) -> list[dict[str, str]]:
+    """Read a CSV file written by `write_csv` into a list of row mappings."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def save_figure(figure: Any, target: Path | str, dpi: int = 110) -> None:
+    """Save a Matplotlib figure as PNG without time stamp or version metadata."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(target, suffix=".png") as temporary:
+        figure.savefig(temporary, format="png", dpi=dpi, metadata={"Software": None})
+    plt.close(figure)
+
+
+def write_wav(target: Path | str, signal: np.ndarray, sample_rate: int) -> None:
+    """Write a mono float signal as 16-bit PCM WAV, scaled only if it would clip."""
+    from scipy.io import wavfile
+
+    signal = np.asarray(signal, dtype=np.float64)
+    peak = float(np.max(np.abs(signal))) if signal.size else 0.0
+    if peak > 1.0:
+        signal = signal / peak
+    samples = np.round(signal * 32767.0).astype("<i2")
+    buffer = io.BytesIO()
+    wavfile.write(buffer, sample_rate, samples)
+    write_bytes(target, buffer.getvalue())

@@ -1,0 +1,288 @@
+"""Stage ``spectra``: turn every recording into a normalized magnitude spectrum.
+
+Each WAV file under ``data/raw`` is read, downmixed to mono, resampled to
+``spectra.sample_rate`` Hz, padded or trimmed to ``spectra.duration``
+seconds, smoothed with a moving average of ``spectra.smoothing_window``
+samples, transformed with the real FFT, and divided by its maximum
+magnitude. Files that cannot be used are listed in ``data/rejected.csv``
+with the reason, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from .audio import frequency_axis, magnitude_spectrum, preprocess, read_wav, window_length
+from .cli import exit_with, run_stage
+from .errors import AudioInputError, PipelineError
+from .metadata import COLUMNS as METADATA_COLUMNS
+from .metadata import METADATA_FILE, empty_speaker, read_metadata
+from .outputs import write_csv, write_json, write_npy
+
+log = logging.getLogger(__name__)
+
+RAW_DIR = Path("data/raw")
+SPECTRA_PATH = Path("data/spectra.npy")
+FREQUENCIES_PATH = Path("data/frequencies.npy")
+RECORDINGS_PATH = Path("data/recordings.csv")
+REJECTED_PATH = Path("data/rejected.csv")
+DATA_METRICS_PATH = Path("metrics/data.json")
+RECORDING_NAME = re.compile(r"^(?P<digit>\d)_(?P<speaker>\d+)_(?P<repetition>\d+)$")
+
+RECORDING_COLUMNS = (
+    "recording_id",
+    "path",
+    "speaker",
+    "repetition",
+    "duration_s",
+    "sample_rate_hz",
+    "channels",
+    "encoding",
+    "peak_amplitude",
+    "trimmed",
+    "magnitude_max",
+) + METADATA_COLUMNS
+
+
+@dataclass
+class SpectraResult:
+    """Spectra of the usable recordings and the bookkeeping of all files.
+
+    Attributes
+    ----------
+    spectra : np.ndarray [shape=(n_recordings, n_frequencies), dtype=float32]
+    frequencies : np.ndarray [shape=(n_frequencies,)]
+        Frequency of each column in Hz.
+    recordings : list of dict
+        One row per spectrum, in the same order, with ``RECORDING_COLUMNS``.
+    rejected : list of (str, str)
+        Path and reason of every file that was not used.
+    """
+
+    spectra: np.ndarray
+    frequencies: np.ndarray
+    recordings: list[dict[str, Any]]
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+
+def recording_files(raw_dir: Path) -> list[Path]:
+    """Return every file below ``raw_dir`` that may be a recording, sorted.
+
+    Sorting is by speaker, repetition and then path, so the row order does
+    not depend on the file system.
+    """
+    paths = [
+        path
+        for path in raw_dir.rglob("*")
+        if path.is_file() and path.name not in (METADATA_FILE, "SHA256SUMS")
+        and not path.name.startswith(".")
+    ]
+
+    def order(path: Path) -> tuple:
+        match = RECORDING_NAME.match(path.stem)
+        if match:
+            return (0, int(match["speaker"]), int(match["repetition"]), path.as_posix())
+        return (1, 0, 0, path.as_posix())
+
+    return sorted(paths, key=order)
+
+
+def compute_spectra(
+    raw_dir: Path,
+    digit: int,
+    sample_rate: int,
+    duration: float,
+    smoothing_window: int,
+) -> SpectraResult:
+    """Compute the spectrum of every usable recording below ``raw_dir``.
+
+    Parameters
+    ----------
+    raw_dir : Path
+        Folder in the upstream ``data/`` layout.
+    digit : int
+        Digit whose recordings are expected; files named for another digit
+        are rejected.
+    sample_rate : int
+        Analysis sample rate in Hz.
+    duration : float
+        Analysis window in seconds.
+    smoothing_window : int
+        Moving-average length in samples.
+
+    Returns
+    -------
+    SpectraResult
+    """
+    metadata = read_metadata(raw_dir / METADATA_FILE)
+    length = window_length(sample_rate, duration)
+    rows: list[dict[str, Any]] = []
+    spectra: list[np.ndarray] = []
+    rejected: list[tuple[str, str]] = []
+    seen_content: dict[str, str] = {}
+    seen_ids: set[str] = set()
+    missing_metadata: set[str] = set()
+
+    for path in tqdm(recording_files(raw_dir), desc="spectra", unit="file", disable=None):
+        relative = path.relative_to(raw_dir).as_posix()
+        match = RECORDING_NAME.match(path.stem)
+        if path.suffix.lower() != ".wav" or not match:
+            rejected.append(
+                (relative, "name does not follow {digit}_{speaker}_{repetition}.wav")
+            )
+            continue
+        if int(match["digit"]) != digit:
+            rejected.append((relative, f"recording of digit {match['digit']}, not {digit}"))
+            continue
+        recording_id = path.stem
+        if recording_id in seen_ids:
+            rejected.append((relative, f"duplicate recording id {recording_id}"))
+            continue
+        content = path.read_bytes()
+        digest = hashlib.sha256(content).hexdigest()
+        if digest in seen_content:
+            rejected.append((relative, f"identical content to {seen_content[digest]}"))
+            continue
+        try:
+            recording = read_wav(path)
+            samples = preprocess(recording, sample_rate, duration, smoothing_window)
+            spectrum, maximum = magnitude_spectrum(samples)
+        except AudioInputError as error:
+            rejected.append((relative, str(error)))
+            continue
+        seen_ids.add(recording_id)
+        seen_content[digest] = relative
+
+        speaker = match["speaker"].zfill(2)
+        if speaker not in metadata:
+            missing_metadata.add(speaker)
+        row = {
+            "recording_id": recording_id,
+            "path": relative,
+            "speaker": speaker,
+            "repetition": int(match["repetition"]),
+            "duration_s": round(recording.duration, 6),
+            "sample_rate_hz": recording.sample_rate,
+            "channels": recording.channels,
+            "encoding": recording.encoding,
+            "peak_amplitude": round(float(np.max(np.abs(recording.samples))), 6),
+            "trimmed": recording.duration > duration,
+            "magnitude_max": maximum,
+        }
+        row.update(metadata.get(speaker, empty_speaker()))
+        rows.append(row)
+        spectra.append(spectrum.astype(np.float32))
+
+    for speaker in sorted(missing_metadata):
+        log.warning("spectra: speaker %s has no metadata entry; metadata left empty", speaker)
+    for relative, reason in rejected:
+        log.warning("spectra: rejected %s: %s", relative, reason)
+    n_frequencies = length // 2 + 1
+    matrix = (
+        np.vstack(spectra) if spectra else np.zeros((0, n_frequencies), dtype=np.float32)
+    )
+    return SpectraResult(matrix, frequency_axis(sample_rate, duration), rows, rejected)
+
+
+def data_metrics(result: SpectraResult) -> dict[str, Any]:
+    """Count recordings found, used, rejected (by reason) and converted."""
+    reasons = Counter(_reason_kind(reason) for _, reason in result.rejected)
+    rows = result.recordings
+    return {
+        "found": len(rows) + len(result.rejected),
+        "used": len(rows),
+        "rejected": len(result.rejected),
+        "rejected_by_reason": dict(sorted(reasons.items())),
+        "trimmed": sum(1 for row in rows if row["trimmed"]),
+        "downmixed": sum(1 for row in rows if row["channels"] > 1),
+        "sample_rates_hz": dict(
+            sorted(Counter(str(row["sample_rate_hz"]) for row in rows).items())
+        ),
+        "speakers": len({row["speaker"] for row in rows}),
+        "speakers_without_metadata": len(
+            {row["speaker"] for row in rows if row["gender"] == ""}
+        ),
+    }
+
+
+def _reason_kind(reason: str) -> str:
+    """Group a rejection reason by its text before any file-specific detail."""
+    if reason.startswith("identical content"):
+        return "duplicate content"
+    if reason.startswith("recording of digit"):
+        return "other digit"
+    return re.split(r" \(|:", reason, maxsplit=1)[0]
+
+
+def write_outputs(result: SpectraResult) -> None:
+    """Write the spectra stage outputs atomically."""
+    write_npy(SPECTRA_PATH, result.spectra)
+    write_npy(FREQUENCIES_PATH, result.frequencies)
+    write_csv(
+        RECORDINGS_PATH,
+        RECORDING_COLUMNS,
+        ([row[column] for column in RECORDING_COLUMNS] for row in result.recordings),
+    )
+    write_csv(REJECTED_PATH, ("path", "reason"), result.rejected)
+    write_json(DATA_METRICS_PATH, data_metrics(result))
+
+
+def spectra(params: dict[str, dict[str, Any]]) -> str:
+    """Run the spectra stage with validated parameters; return its summary line."""
+    settings = params["spectra"]
+    length = window_length(settings["sample_rate"], settings["duration"])
+    if settings["smoothing_window"] > length:
+        raise PipelineError(
+            f"spectra.smoothing_window ({settings['smoothing_window']} samples) is "
+            f"longer than the analysis window ({length} samples = spectra.duration x "
+            "spectra.sample_rate); lower it or lengthen spectra.duration."
+        )
+    if not RAW_DIR.is_dir():
+        raise PipelineError(f"{RAW_DIR} not found; run the fetch stage first (dvc repro)")
+    log.info(
+        "spectra: reading %s at %d Hz, %.3f s window, smoothing %d",
+        RAW_DIR,
+        settings["sample_rate"],
+        settings["duration"],
+        settings["smoothing_window"],
+    )
+    result = compute_spectra(
+        RAW_DIR,
+        params["data"]["digit"],
+        settings["sample_rate"],
+        settings["duration"],
+        settings["smoothing_window"],
+    )
+    if not result.recordings:
+        raise PipelineError(
+            f"no usable recordings in {RAW_DIR}: all {len(result.rejected)} files were "
+            f"rejected; see the warnings above"
+        )
+    write_outputs(result)
+    return (
+        f"{len(result.recordings)} spectra x {result.spectra.shape[1]} frequencies, "
+        f"{len(result.rejected)} files rejected (see {REJECTED_PATH})"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point of the spectra stage."""
+    return run_stage(
+        "spectra",
+        "Compute the normalized FFT magnitude spectrum of every recording in data/raw.",
+        lambda params, options: spectra(params),
+        argv,
+    )
+
+
+if __name__ == "__main__":
+    exit_with(main())
