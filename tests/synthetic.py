@@ -106,8 +106,10 @@ def make_dataset(root: Path, speakers: int = 4, repetitions: int = 15, digit: in
                  seed: int = 0, anomalies: bool = True) -> Path:
     """Write a small data set in the upstream ``data/`` layout and return ``root``.
 
-    With ``anomalies``, three recordings carry a defect: strong 50 Hz hum,
-    white noise, and hard clipping.
+    With ``anomalies`` (and at least 2 speakers and 3 repetitions), three
+    recordings carry a defect: strong 50 Hz hum (speaker 01, repetition 0),
+    white noise (speaker 02, repetition 1) and hard clipping (last speaker,
+    repetition 2).
     """
     rng = np.random.default_rng(seed)
     ids = [f"{index + 1:02d}" for index in range(speakers)]
@@ -115,7 +117,7 @@ def make_dataset(root: Path, speakers: int = 4, repetitions: int = 15, digit: in
         for repetition in range(repetitions):
             signal = speech_like(rng, rng.uniform(0.45, 0.9))
             write_wav(root / speaker / f"{digit}_{speaker}_{repetition}.wav", signal)
-    if anomalies:
+    if anomalies and speakers >= 2 and repetitions >= 3:
         hum_path = root / ids[0] / f"{digit}_{ids[0]}_0.wav"
         _, data = wavfile.read(hum_path)
         signal = data / 32768.0
@@ -123,7 +125,7 @@ def make_dataset(root: Path, speakers: int = 4, repetitions: int = 15, digit: in
         noise_path = root / ids[1] / f"{digit}_{ids[1]}_1.wav"
         _, data = wavfile.read(noise_path)
         write_wav(noise_path, data / 32768.0 + 0.2 * rng.standard_normal(data.size))
-        clip_path = root / ids[2] / f"{digit}_{ids[2]}_2.wav"
+        clip_path = root / ids[-1] / f"{digit}_{ids[-1]}_2.wav"
         _, data = wavfile.read(clip_path)
         write_wav(clip_path, np.clip(data / 32768.0 * 20, -0.3, 0.3))
     (root / "audioMNIST_meta.txt").write_text(json.dumps(metadata(ids), indent=1))

@@ -1,0 +1,104 @@
+"""End-to-end: dvc repro in a temporary git + DVC repository on generated data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from audiomnist_anomalies.outputs import read_csv
+from project import dvc, locked_outputs, make_project
+from synthetic import make_dataset
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A project copy on 60 generated recordings, after one dvc repro."""
+    root = tmp_path_factory.mktemp("pipeline")
+    source = make_dataset(root / "source")
+    folder = make_project(root / "project", source)
+    dvc(folder, "repro")
+    return folder
+
+
+def test_every_output_has_right_shape(project):
+    assert np.load(project / "data/spectra.npy").shape == (60, 3401)
+    assert np.load(project / "data/frequencies.npy").shape == (3401,)
+    assert np.load(project / "data/errors.npy").shape == (60, 3401)
+    assert np.load(project / "data/embedding.npy").shape == (60, 2)
+    assert len(read_csv(project / "data/recordings.csv")) == 60
+    assert len(read_csv(project / "data/scores.csv")) == 60
+    assert len(read_csv(project / "data/clusters.csv")) == 60
+    assert len(read_csv(project / "plots/embedding.csv")) == 60
+    assert len(read_csv(project / "plots/error_profiles.csv")) == 10 * 3401
+    for name in ("embedding.png", "error_map.png", "error_profiles.png"):
+        assert (project / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("isolation_forest.joblib", "pca.joblib", "thresholds.json"):
+        assert (project / "data/models" / name).is_file()
+
+
+def test_inspect_writes_figures_and_audio(project):
+    index = read_csv(project / "plots/inspect/index.csv")
+
+    assert len(index) == 10 + 10
+    assert [row["name"] for row in index[:2]] == ["anomaly_01", "anomaly_02"]
+    assert index[0]["reconstruction_error_rank"] == "1"
+    assert index[-1]["name"] == "cluster_9"
+    for row in index:
+        assert (project / "plots/inspect" / row["figure"]).is_file()
+        assert (project / "plots/inspect" / row["original_wav"]).read_bytes()[:4] == b"RIFF"
+        assert (project / "plots/inspect" / row["reconstructed_wav"]).read_bytes()[:4] == b"RIFF"
+
+
+def test_status_is_clean_after_repro(project):
+    assert json.loads(dvc(project, "status", "--json").stdout) == {}
+
+
+def test_metrics_show_lists_every_file(project):
+    shown = json.loads(dvc(project, "metrics", "show", "--json").stdout)
+    data = shown[""]["data"]
+
+    assert data["metrics/data.json"]["data"]["used"] == 60
+    assert data["metrics/detect.json"]["data"]["recordings"] == 60
+    assert sum(data["metrics/cluster.json"]["data"]["sizes"].values()) == 60
+    assert data["metrics/embed.json"]["data"]["method"] == "pacmap"
+
+
+def test_plots_show_renders_everything(project, tmp_path):
+    dvc(project, "plots", "show", "-o", str(tmp_path / "plots"))
+    page = (tmp_path / "plots" / "index.html").read_text()
+
+    assert page.count("<img") == 3 + 20
+    assert '"cluster": "cluster 9"' in page
+    assert '"recording_id": "6_01_0"' in page
+
+
+def test_parameter_change_reruns_downstream_only(project):
+    params = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(params.replace("n_clusters: 10", "n_clusters: 4"))
+    try:
+        status = json.loads(dvc(project, "status", "--json").stdout)
+        assert list(status) == ["cluster"]
+        log = dvc(project, "repro").stdout
+        assert "Running stage 'cluster'" in log
+        assert "Running stage 'inspect'" in log
+        for stage in ("fetch", "spectra", "detect", "embed"):
+            assert f"Running stage '{stage}'" not in log
+        assert len(read_csv(project / "plots/inspect/index.csv")) == 10 + 4
+    finally:
+        (project / "params.yaml").write_text(params)
+        dvc(project, "repro")
+
+
+def test_forced_rerun_is_byte_identical(project):
+    before = locked_outputs(project)
+    dvc(project, "repro", "--force")
+
+    assert locked_outputs(project) == before
+    # 14 data and plot outputs, 2 output folders (figures, models) and 4 metrics files.
+    assert len(before) == 20
+    assert "plots/embedding.png" in before
+    assert "plots/inspect" in before

@@ -1,0 +1,121 @@
+"""The spectra stage on generated data sets, bad files and metadata quirks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from audiomnist_anomalies.metadata import clean_age, clean_room, read_metadata
+from audiomnist_anomalies.outputs import read_csv
+from audiomnist_anomalies.params import default_params, validate_params
+from audiomnist_anomalies.spectra import compute_spectra, spectra
+from synthetic import make_dataset, speech_like, tone, write_wav
+
+
+def test_spectra_shape_and_order(dataset):
+    result = compute_spectra(dataset, 6, 6800, 1.0, 5)
+
+    assert result.spectra.shape == (60, 3401)
+    assert result.spectra.dtype == np.float32
+    assert np.allclose(result.spectra.max(axis=1), 1.0)
+    assert [row["recording_id"] for row in result.recordings[:3]] == ["6_01_0", "6_01_1", "6_01_2"]
+    assert result.recordings[15]["recording_id"] == "6_02_0"
+    assert result.rejected == []
+
+
+def test_recording_rows_carry_metadata(dataset):
+    rows = compute_spectra(dataset, 6, 6800, 1.0, 5).recordings
+    first = rows[0]
+
+    assert first["speaker"] == "01"
+    assert first["sample_rate_hz"] == 48000
+    assert 0.45 <= first["duration_s"] <= 0.9
+    assert first["gender"] == "female"
+    assert first["age"] == 20
+    assert first["recording_room"] == "kino"
+    assert first["recording_room_raw"] == "Kino"
+    assert rows[-1]["age"] is None
+    assert rows[-1]["age_raw"] == "1234"
+
+
+def test_bad_files_are_rejected_with_reasons(dataset):
+    (dataset / "01" / "6_01_90.wav").write_text("not audio")
+    (dataset / "01" / "6_01_91.wav").write_bytes(b"")
+    shutil.copy(dataset / "02" / "6_02_3.wav", dataset / "02" / "6_02_93.wav")
+    write_wav(dataset / "03" / "6_03_94.wav", np.zeros(4800))
+    write_wav(dataset / "03" / "7_03_0.wav", tone(200, 0.5))
+    write_wav(dataset / "03" / "six.wav", tone(200, 0.5))
+    result = compute_spectra(dataset, 6, 6800, 1.0, 5)
+    reasons = dict(result.rejected)
+
+    assert result.spectra.shape[0] == 60
+    assert len(result.rejected) == 6
+    assert "not a readable WAV" in reasons["01/6_01_90.wav"]
+    assert "not a readable WAV" in reasons["01/6_01_91.wav"]
+    assert reasons["02/6_02_93.wav"] == "identical content to 02/6_02_3.wav"
+    assert "silent" in reasons["03/6_03_94.wav"]
+    assert reasons["03/7_03_0.wav"] == "recording of digit 7, not 6"
+    assert "does not follow" in reasons["03/six.wav"]
+
+
+def test_other_rates_and_long_recordings(tmp_path):
+    rng = np.random.default_rng(1)
+    write_wav(tmp_path / "01" / "6_01_0.wav", speech_like(rng, 0.6, 16000), 16000)
+    write_wav(tmp_path / "01" / "6_01_1.wav", speech_like(rng, 1.6), 48000)
+    result = compute_spectra(tmp_path, 6, 6800, 1.0, 5)
+
+    assert [row["sample_rate_hz"] for row in result.recordings] == [16000, 48000]
+    assert [row["trimmed"] for row in result.recordings] == [False, True]
+    assert result.recordings[0]["gender"] == ""
+
+
+def test_metadata_cleaning_rules():
+    assert clean_age(30) == 30
+    assert clean_age("25") == 25
+    assert clean_age("1234") is None
+    assert clean_age("unknown") is None
+    assert clean_room("VR-Room") == "vr-room"
+    assert clean_room("vr-romm") == "vr-room"
+
+
+def test_unreadable_metadata_warns_and_continues(tmp_path, caplog):
+    path = tmp_path / "audioMNIST_meta.txt"
+    path.write_text("{broken json")
+
+    assert read_metadata(path) == {}
+    assert "cannot read metadata file" in caplog.text
+
+
+def test_stage_writes_outputs(dataset, in_tmp):
+    shutil.copytree(dataset, in_tmp / "data" / "raw")
+    (in_tmp / "data" / "raw" / "04" / "bad.wav").write_text("x")
+    params = validate_params(default_params())
+    summary = spectra(params)
+    rows = read_csv(in_tmp / "data" / "recordings.csv")
+    metrics = json.loads((in_tmp / "metrics" / "data.json").read_text())
+
+    assert "60 spectra" in summary
+    assert np.load(in_tmp / "data" / "spectra.npy").shape == (60, 3401)
+    assert np.load(in_tmp / "data" / "frequencies.npy")[-1] == pytest.approx(3400)
+    assert len(rows) == 60
+    assert metrics["found"] == 61
+    assert metrics["used"] == 60
+    assert metrics["rejected_by_reason"] == {"name does not follow {digit}_{speaker}_{repetition}.wav": 1}
+    assert read_csv(in_tmp / "data" / "rejected.csv")[0]["path"] == "04/bad.wav"
+
+
+def test_rerun_gives_identical_files(tmp_path, monkeypatch):
+    source = make_dataset(tmp_path / "source", speakers=2, repetitions=5)
+    digests = []
+    for run in range(2):
+        work = tmp_path / f"run{run}"
+        shutil.copytree(source, work / "data" / "raw")
+        monkeypatch.chdir(work)
+        spectra(validate_params(default_params()))
+        digests.append(
+            [(work / name).read_bytes() for name in ("data/spectra.npy", "data/recordings.csv")]
+        )
+    assert digests[0] == digests[1]
