@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import requests
+import urllib3
 from tqdm import tqdm
 
 from .cli import exit_with, run_stage
@@ -45,7 +46,7 @@ RAW_DIR = Path("data/raw")
 DOWNLOAD_DIR = Path("data/.download")
 CHUNK_SIZE = 1 << 16
 BACKOFF_SECONDS = 0.25
-RECORDING_NAME = re.compile(r"^(?P<digit>\d)_(?P<speaker>\d+)_(?P<repetition>\d+)\.wav$")
+RECORDING_NAME = re.compile(r"(?P<digit>\d)_(?P<speaker>\d+)_(?P<repetition>\d+)\.wav")
 # HTTP statuses worth retrying: rate limits and server-side failures.
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 
@@ -97,7 +98,7 @@ def is_selected(relative_path: str, digit: int) -> bool:
         return True
     if len(parts) != 2:
         return False
-    match = RECORDING_NAME.match(parts[1])
+    match = RECORDING_NAME.fullmatch(parts[1])
     return bool(match) and int(match["digit"]) == digit
 
 
@@ -137,10 +138,10 @@ def select_remote_files(entries: list[dict[str, Any]], digit: int) -> list[Remot
     files = []
     for entry in entries:
         path = str(entry.get("path", ""))
-        if entry.get("type") != "blob" or not path.startswith("data/"):
-            continue
         if _unsafe_path(path):
             raise DownloadError(f"the repository listing has an unsafe path {path!r}")
+        if entry.get("type") != "blob" or not path.startswith("data/"):
+            continue
         if not is_selected(path[len("data/") :], digit):
             continue
         sha = str(entry.get("sha", ""))
@@ -251,6 +252,8 @@ class Downloader:
                 requests.ConnectionError,
                 requests.Timeout,
                 requests.exceptions.ChunkedEncodingError,
+                urllib3.exceptions.HTTPError,
+                OSError,
             ) as error:
                 last_error = error
                 continue
@@ -280,7 +283,10 @@ class Downloader:
     def _transfer(
         self, url: str, partial: Path, offset: int, progress: tqdm | None
     ) -> None:
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        # Byte ranges refer to the stored file, so ask for it without compression.
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
         with self.session.get(url, headers=headers, stream=True, timeout=self.timeout) as response:
             if response.status_code == 416:
                 # The server holds fewer bytes than the partial file: start over.
@@ -299,8 +305,13 @@ class Downloader:
                     f"HTTP {response.status_code} from {url}; check data.source and "
                     "data.raw_url in params.yaml"
                 )
+            # read1 returns whatever has arrived, so a dropped connection loses no
+            # received bytes; iter_content would discard a partly filled chunk.
             with open(partial, mode) as handle:
-                for chunk in response.iter_content(CHUNK_SIZE):
+                while True:
+                    chunk = response.raw.read1(CHUNK_SIZE)
+                    if not chunk:
+                        break
                     handle.write(chunk)
                     self._advance(progress, len(chunk))
 
@@ -456,7 +467,7 @@ def fetch_local(source: Path, digit: int, output: Path) -> int:
     for path in sorted(source.rglob("*")):
         if not path.is_file() or path.suffix.lower() != ".wav":
             continue
-        match = RECORDING_NAME.match(path.name)
+        match = RECORDING_NAME.fullmatch(path.name)
         if match and int(match["digit"]) != digit:
             other_digits += 1
             continue

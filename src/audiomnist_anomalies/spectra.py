@@ -36,7 +36,7 @@ FREQUENCIES_PATH = Path("data/frequencies.npy")
 RECORDINGS_PATH = Path("data/recordings.csv")
 REJECTED_PATH = Path("data/rejected.csv")
 DATA_METRICS_PATH = Path("metrics/data.json")
-RECORDING_NAME = re.compile(r"^(?P<digit>\d)_(?P<speaker>\d+)_(?P<repetition>\d+)$")
+RECORDING_NAME = re.compile(r"(?P<digit>\d)_(?P<speaker>\d+)_(?P<repetition>\d+)")
 
 RECORDING_COLUMNS = (
     "recording_id",
@@ -88,7 +88,7 @@ def recording_files(raw_dir: Path) -> list[Path]:
     ]
 
     def order(path: Path) -> tuple:
-        match = RECORDING_NAME.match(path.stem)
+        match = RECORDING_NAME.fullmatch(path.stem)
         if match:
             return (0, int(match["speaker"]), int(match["repetition"]), path.as_posix())
         return (1, 0, 0, path.as_posix())
@@ -134,7 +134,7 @@ def compute_spectra(
 
     for path in tqdm(recording_files(raw_dir), desc="spectra", unit="file", disable=None):
         relative = path.relative_to(raw_dir).as_posix()
-        match = RECORDING_NAME.match(path.stem)
+        match = RECORDING_NAME.fullmatch(path.stem)
         if path.suffix.lower() != ".wav" or not match:
             rejected.append(
                 (relative, "name does not follow {digit}_{speaker}_{repetition}.wav")
