@@ -53,8 +53,8 @@ def test_bad_files_are_rejected_with_reasons(dataset):
 
     assert result.spectra.shape[0] == 60
     assert len(result.rejected) == 6
-    assert "not a readable WAV" in reasons["01/6_01_90.wav"]
-    assert "not a readable WAV" in reasons["01/6_01_91.wav"]
+    assert reasons["01/6_01_90.wav"] == "not a WAV file (no RIFF/WAVE header)"
+    assert reasons["01/6_01_91.wav"] == "not a WAV file (no RIFF/WAVE header)"
     assert reasons["02/6_02_93.wav"] == "identical content to 02/6_02_3.wav"
     assert "silent" in reasons["03/6_03_94.wav"]
     assert reasons["03/7_03_0.wav"] == "recording of digit 7, not 6"

@@ -3,21 +3,38 @@
 AudioMNIST recordings are RIFF WAV files, 16-bit signed PCM, mono, 48 kHz,
 0.39-1.0 s long. `read_wav` also accepts the other common WAV encodings
 (8-bit unsigned, 24- and 32-bit integer, 32- and 64-bit float, extensible
-headers, several channels) and converts them to one float channel.
+headers, several channels, extra chunks) and converts them to one float
+channel. Its own RIFF parser bounds every step by the file size, so no
+malformed header can make it loop or allocate more than the file holds.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import signal as scipy_signal
-from scipy.io import wavfile
 
 from .errors import AudioInputError
+
+FORMAT_PCM = 0x0001
+FORMAT_IEEE_FLOAT = 0x0003
+FORMAT_EXTENSIBLE = 0xFFFE
+# Writers that stream audio set the data size to this value when the length is unknown.
+UNKNOWN_SIZE = 0xFFFFFFFF
+# Sample types by (format, bits per sample); 24-bit PCM is decoded separately.
+SAMPLE_TYPES = {
+    (FORMAT_PCM, 8): np.dtype("u1"),
+    (FORMAT_PCM, 16): np.dtype("<i2"),
+    (FORMAT_PCM, 24): np.dtype("u1"),
+    (FORMAT_PCM, 32): np.dtype("<i4"),
+    (FORMAT_IEEE_FLOAT, 32): np.dtype("<f4"),
+    (FORMAT_IEEE_FLOAT, 64): np.dtype("<f8"),
+}
+FULL_SCALE = {8: 128.0, 16: 32768.0, 24: 8388608.0, 32: 2147483648.0}
 
 
 @dataclass(frozen=True)
@@ -27,13 +44,13 @@ class Recording:
     Attributes
     ----------
     samples : np.ndarray [shape=(n,), dtype=float64]
-        Mono signal scaled to [-1, 1] for integer encodings.
+        Mono signal scaled to [-1, 1) for integer encodings.
     sample_rate : int
         Sample rate of ``samples`` in Hz.
     channels : int
         Number of channels in the file before the downmix to mono.
     encoding : str
-        Sample type in the file, for example ``int16`` or ``float32``.
+        Sample type in the file, for example ``pcm16`` or ``float32``.
     """
 
     samples: np.ndarray
@@ -47,20 +64,117 @@ class Recording:
         return self.samples.shape[0] / self.sample_rate
 
 
-def _to_float(data: np.ndarray) -> np.ndarray:
-    kind = data.dtype
-    if kind == np.uint8:
-        return (data.astype(np.float64) - 128.0) / 128.0
-    if kind == np.int16:
-        return data.astype(np.float64) / 32768.0
-    if kind == np.int32:
-        # scipy returns 24-bit PCM left-aligned in int32, so one scale fits both.
-        return data.astype(np.float64) / 2147483648.0
-    if kind == np.int64:
-        return data.astype(np.float64) / 9223372036854775808.0
-    if kind in (np.float32, np.float64):
-        return data.astype(np.float64)
-    raise AudioInputError(f"unsupported sample type {kind}")
+def _chunks(content: bytes) -> dict[bytes, tuple[int, int]]:
+    """Return the offset and declared size of the first chunk of each kind.
+
+    Every step advances by at least 8 bytes, so a malformed size can never
+    make the walk loop.
+    """
+    chunks: dict[bytes, tuple[int, int]] = {}
+    offset = 12
+    while offset + 8 <= len(content):
+        identifier = content[offset : offset + 4]
+        size = int.from_bytes(content[offset + 4 : offset + 8], "little")
+        chunks.setdefault(identifier, (offset + 8, size))
+        offset += 8 + size + (size & 1)
+    return chunks
+
+
+def parse_wav(content: bytes) -> tuple[int, np.ndarray, str]:
+    """Decode the bytes of a RIFF/WAVE file.
+
+    Parameters
+    ----------
+    content : bytes
+        The whole file.
+
+    Returns
+    -------
+    sample_rate : int
+        In Hz.
+    frames : np.ndarray [shape=(n_frames, n_channels), dtype=float64]
+        Scaled to [-1, 1) for integer encodings; floats as stored.
+    encoding : str
+        For example ``pcm16`` or ``float32``.
+
+    Raises
+    ------
+    AudioInputError
+        If the file is not RIFF/WAVE, lacks a ``fmt `` or ``data`` chunk,
+        uses an unsupported encoding, declares more samples than it contains
+        (a truncated file), or has no samples.
+    """
+    if len(content) < 12 or content[:4] != b"RIFF" or content[8:12] != b"WAVE":
+        if content[:4] in (b"RIFX", b"RF64"):
+            raise AudioInputError(
+                f"unsupported WAV variant {content[:4].decode()}; convert it to a "
+                "little-endian RIFF WAV file"
+            )
+        raise AudioInputError("not a WAV file (no RIFF/WAVE header)")
+    chunks = _chunks(content)
+    if b"fmt " not in chunks:
+        raise AudioInputError("invalid WAV file: no fmt chunk")
+    fmt_offset, fmt_size = chunks[b"fmt "]
+    fmt = content[fmt_offset : fmt_offset + min(fmt_size, 40)]
+    if len(fmt) < 16:
+        raise AudioInputError("invalid WAV file: fmt chunk shorter than 16 bytes")
+    format_tag, channels, sample_rate, _, block_align, bits = struct.unpack(
+        "<HHIIHH", fmt[:16]
+    )
+    if format_tag == FORMAT_EXTENSIBLE:
+        if len(fmt) < 26:
+            raise AudioInputError("invalid WAV file: extensible fmt chunk too short")
+        format_tag = struct.unpack("<H", fmt[24:26])[0]
+    dtype = SAMPLE_TYPES.get((format_tag, bits))
+    if dtype is None:
+        raise AudioInputError(
+            f"unsupported encoding (format tag {format_tag:#06x}, {bits} bits per "
+            "sample); supported are PCM with 8, 16, 24 or 32 bits and IEEE float "
+            "with 32 or 64 bits"
+        )
+    if channels < 1:
+        raise AudioInputError("invalid WAV file: 0 channels")
+    if sample_rate < 1:
+        raise AudioInputError("invalid WAV file: sample rate 0 Hz")
+    frame_bytes = channels * bits // 8
+    if block_align != frame_bytes:
+        raise AudioInputError(
+            f"invalid WAV file: block align {block_align} bytes, expected {frame_bytes} "
+            f"for {channels} channels of {bits} bits"
+        )
+    if b"data" not in chunks:
+        raise AudioInputError("WAV file has no samples (no data chunk)")
+
+    data_offset, data_size = chunks[b"data"]
+    available = len(content) - data_offset
+    if data_size == UNKNOWN_SIZE:
+        data_size = available - available % frame_bytes
+    if data_size > available:
+        raise AudioInputError(
+            f"truncated WAV file: the header declares {data_size} bytes of samples, "
+            f"the file contains {available}"
+        )
+    n_frames = data_size // frame_bytes
+    if n_frames == 0:
+        raise AudioInputError("WAV file has no samples")
+    raw = content[data_offset : data_offset + n_frames * frame_bytes]
+
+    if bits == 24:
+        triples = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+        values = triples[:, 0] | (triples[:, 1] << 8) | (triples[:, 2] << 16)
+        values = np.where(values >= 1 << 23, values - (1 << 24), values)
+    else:
+        values = np.frombuffer(raw, dtype=dtype)
+    if format_tag == FORMAT_IEEE_FLOAT:
+        frames = values.astype(np.float64)
+        encoding = f"float{bits}"
+    elif bits == 8:
+        frames = (values.astype(np.float64) - 128.0) / FULL_SCALE[8]
+        encoding = "pcm8"
+    else:
+        frames = values.astype(np.float64) / FULL_SCALE[bits]
+        encoding = f"pcm{bits}"
+    return int(sample_rate), frames.reshape(n_frames, channels), encoding
 
 
 def read_wav(path: Path | str) -> Recording:
@@ -79,32 +193,22 @@ def read_wav(path: Path | str) -> Recording:
     Raises
     ------
     AudioInputError
-        If the file is not a readable WAV file, has no samples, has a
-        sample rate of zero, or contains NaN or infinite samples.
+        If the file cannot be read or parsed (see `parse_wav`), or contains
+        NaN or infinite samples.
     """
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", wavfile.WavFileWarning)
-            sample_rate, data = wavfile.read(path, mmap=False)
+        content = path.read_bytes()
     except FileNotFoundError:
         raise AudioInputError(f"file not found: {path}") from None
-    except (ValueError, EOFError, OSError, MemoryError, IndexError) as error:
-        message = str(error).strip() or type(error).__name__
-        raise AudioInputError(f"not a readable WAV file ({message})") from None
-    if sample_rate <= 0:
-        raise AudioInputError(f"invalid sample rate {sample_rate} Hz in the header")
-    if data.size == 0:
-        raise AudioInputError("WAV file has no samples")
-    encoding = str(data.dtype)
-    samples = _to_float(data)
-    channels = 1
-    if samples.ndim == 2:
-        channels = samples.shape[1]
-        samples = samples.mean(axis=1)
+    except OSError as error:
+        raise AudioInputError(f"cannot read file: {error.strerror or error}") from None
+    sample_rate, frames, encoding = parse_wav(content)
+    channels = frames.shape[1]
+    samples = frames[:, 0] if channels == 1 else frames.mean(axis=1)
     if not np.all(np.isfinite(samples)):
         raise AudioInputError("WAV file contains NaN or infinite samples")
-    return Recording(samples, int(sample_rate), channels, encoding)
+    return Recording(np.ascontiguousarray(samples), sample_rate, channels, encoding)
 
 
 def resample(samples: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:

@@ -34,7 +34,7 @@ def configure_logging(debug: bool = False) -> None:
         stream=sys.stderr,
         force=True,
     )
-    # Numba, faiss and Matplotlib log set-up details that say nothing about the data.
+    # Numba, faiss and Matplotlib log set-up details that are irrelevant to the analysis.
     logging.getLogger("numba").setLevel(logging.WARNING)
     logging.getLogger("faiss").setLevel(logging.WARNING)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)

@@ -32,6 +32,8 @@ PROFILES_PATH = Path("plots/error_profiles.csv")
 MAP_FIGURE_PATH = Path("plots/error_map.png")
 PROFILES_FIGURE_PATH = Path("plots/error_profiles.png")
 METRICS_PATH = Path("metrics/cluster.json")
+# Width of the moving average applied before dividing profiles, in Hz.
+RATIO_SMOOTHING_HZ = 25.0
 
 
 def cluster_map(
@@ -130,9 +132,9 @@ def describe_profile(
 def profile_name(description: dict[str, Any], overall_mean_error: float) -> str:
     """Name a cluster from its profile.
 
-    A cluster whose mean error is at most the overall mean is "typical";
-    any other is named by the band where it exceeds the overall profile the
-    most, for example "excess 2000-3400 Hz (3.1x)".
+    A cluster whose mean error is at most the overall mean is "typical".
+    Any other cluster is named by the band where it exceeds the overall
+    profile the most, for example "excess 2000-3400 Hz (3.1x)".
     """
     level = description["mean_error"] / overall_mean_error if overall_mean_error > 0 else 0
     if level <= 1.0:
@@ -171,26 +173,45 @@ def draw_map(embedding: np.ndarray, labels: np.ndarray, names: list[str], title:
     return figure
 
 
-def draw_profiles(profiles: np.ndarray, frequencies: np.ndarray, names: list[str]):
-    """Draw every cluster's mean error profile against frequency, log scale."""
+def draw_profiles(
+    profiles: np.ndarray, reference: np.ndarray, frequencies: np.ndarray, names: list[str]
+):
+    """Draw every cluster's mean error profile and its ratio to the overall profile.
+
+    The top panel shows the mean squared error per frequency on a log scale.
+    The bottom panel divides each profile by the mean over all recordings,
+    smoothed over about 25 Hz, so the bands that set a cluster apart stand out.
+    """
     from .plotting import plt
 
-    figure, axes = plt.subplots(figsize=(9, 5))
+    figure, axes = plt.subplots(2, 1, figsize=(10, 8), sharex=True)
     colours = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
     floor = np.finfo(np.float32).tiny
+    step = float(frequencies[1] - frequencies[0]) if frequencies.size > 1 else 1.0
+    width = max(1, int(round(RATIO_SMOOTHING_HZ / step)))
+    kernel = np.ones(width) / width
+    smoothed_reference = np.convolve(reference, kernel, mode="same")
     for label, name in enumerate(names):
-        axes.plot(
+        colour = colours(label % colours.N)
+        axes[0].plot(
             frequencies,
             np.maximum(profiles[label], floor),
             lw=0.8,
-            color=colours(label % colours.N),
+            color=colour,
             label=f"{label}: {name}",
         )
-    axes.set_yscale("log")
-    axes.set_xlabel("frequency (Hz)")
-    axes.set_ylabel("mean squared reconstruction error")
-    axes.set_title("Mean reconstruction error per frequency, by cluster")
-    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        ratio = np.convolve(profiles[label], kernel, mode="same") / np.maximum(
+            smoothed_reference, floor
+        )
+        axes[1].plot(frequencies, np.maximum(ratio, 1e-3), lw=0.9, color=colour)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("mean squared reconstruction error")
+    axes[0].set_title("Mean reconstruction error per frequency, by cluster")
+    axes[0].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    axes[1].set_yscale("log")
+    axes[1].axhline(1.0, color="black", lw=0.6)
+    axes[1].set_xlabel("frequency (Hz)")
+    axes[1].set_ylabel("ratio to the mean over all recordings")
     figure.tight_layout()
     return figure
 
@@ -266,7 +287,7 @@ def cluster(params: dict[str, dict[str, Any]]) -> str:
         draw_map(embedding, labels, names, f"Map of reconstruction errors ({method}), k-means"),
         MAP_FIGURE_PATH,
     )
-    save_figure(draw_profiles(profiles, frequencies, names), PROFILES_FIGURE_PATH)
+    save_figure(draw_profiles(profiles, reference, frequencies, names), PROFILES_FIGURE_PATH)
     write_json(
         METRICS_PATH,
         {

@@ -289,7 +289,7 @@ class Downloader:
             headers["Range"] = f"bytes={offset}-"
         with self.session.get(url, headers=headers, stream=True, timeout=self.timeout) as response:
             if response.status_code == 416:
-                # The server holds fewer bytes than the partial file: start over.
+                # The partial file is longer than the server's file, so start over.
                 partial.unlink(missing_ok=True)
                 self._advance(progress, -offset)
                 raise _RetryableStatus(f"HTTP 416 from {url}")
@@ -427,15 +427,15 @@ def fetch_remote(
         with ThreadPoolExecutor(max_workers=workers) as pool:
             transferred = sum(pool.map(fetch_one, files))
     log.info("fetch: %d files transferred, %d already verified", transferred, len(files) - transferred)
-    wanted = {file.path[len("data/") :] for file in files}
+    selected = {file.path[len("data/") :] for file in files}
     with atomic_directory(output) as folder:
-        for relative in sorted(wanted):
+        for relative in sorted(selected):
             destination = folder / relative
             destination.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(staging / relative, destination)
         write_checksums(folder)
     shutil.rmtree(staging, ignore_errors=True)
-    return sum(1 for name in wanted if name.endswith(".wav"))
+    return sum(1 for name in selected if name.endswith(".wav"))
 
 
 def fetch_local(source: Path, digit: int, output: Path) -> int:
@@ -453,7 +453,7 @@ def fetch_local(source: Path, digit: int, output: Path) -> int:
     Raises
     ------
     ParameterError
-        If ``source`` is not a folder or holds no WAV files of the digit.
+        If ``source`` is not a folder or contains no WAV files of the digit.
     """
     if not source.is_dir():
         raise ParameterError(
