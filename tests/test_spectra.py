@@ -119,3 +119,42 @@ def test_rerun_gives_identical_files(tmp_path, monkeypatch):
             [(work / name).read_bytes() for name in ("data/spectra.npy", "data/recordings.csv")]
         )
     assert digests[0] == digests[1]
+
+
+def test_speakers_without_metadata_are_kept(tmp_path):
+    source = make_dataset(tmp_path, speakers=4, repetitions=2, anomalies=False)
+    entries = json.loads((source / "audioMNIST_meta.txt").read_text())
+    del entries["02"]
+    entries["03"]["favourite colour"] = "blue"
+    (source / "audioMNIST_meta.txt").write_text(json.dumps(entries))
+    rows = compute_spectra(source, 6, 6800, 1.0, 5).recordings
+    by_speaker = {row["speaker"]: row for row in rows}
+
+    assert len(rows) == 8
+    assert by_speaker["02"]["gender"] == ""
+    assert by_speaker["02"]["age"] is None
+    assert by_speaker["03"]["gender"] == "male"
+
+
+def test_missing_metadata_file_keeps_recordings(tmp_path, caplog):
+    source = make_dataset(tmp_path, speakers=2, repetitions=2, anomalies=False)
+    (source / "audioMNIST_meta.txt").unlink()
+    rows = compute_spectra(source, 6, 6800, 1.0, 5).recordings
+
+    assert len(rows) == 4
+    assert "metadata file not found" in caplog.text
+
+
+def test_odd_but_valid_recordings_are_used(tmp_path):
+    rng = np.random.default_rng(5)
+    speech = speech_like(rng, 0.6)
+    write_wav(tmp_path / "01" / "6_01_0.wav", speech + 0.3)
+    write_wav(tmp_path / "01" / "6_01_1.wav", np.clip(speech * 10, -0.5, 0.5))
+    write_wav(tmp_path / "01" / "6_01_2.wav", np.array([0.1, -0.1]))
+    write_wav(tmp_path / "elsewhere" / "6_02_0.wav", speech)
+    result = compute_spectra(tmp_path, 6, 6800, 1.0, 5)
+
+    assert [row["recording_id"] for row in result.recordings] == ["6_01_0", "6_01_1", "6_01_2", "6_02_0"]
+    assert result.rejected == []
+    assert result.spectra[0, 0] == 1.0
+    assert result.recordings[3]["path"] == "elsewhere/6_02_0.wav"

@@ -10,11 +10,13 @@ classification of anomaly types without labels.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import silhouette_score
 
 from .cli import exit_with, run_stage
@@ -49,7 +51,15 @@ def cluster_map(
         Distance of each point to its cluster centre.
     """
     model = KMeans(n_clusters=n_clusters, random_state=random_state, n_init=10)
-    labels = model.fit_predict(embedding.astype(np.float64))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        labels = model.fit_predict(embedding.astype(np.float64))
+    if any(issubclass(warning.category, ConvergenceWarning) for warning in caught):
+        log.warning(
+            "cluster: the map has fewer distinct points than cluster.n_clusters = %d, "
+            "so some clusters are empty; lower cluster.n_clusters",
+            n_clusters,
+        )
     distances = np.linalg.norm(embedding - model.cluster_centers_[labels], axis=1)
     # Renumber so cluster 0 is the largest; ties keep k-means order.
     sizes = np.bincount(labels, minlength=n_clusters)

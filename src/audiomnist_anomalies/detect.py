@@ -18,6 +18,7 @@ quantile of its training scores.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,15 @@ from sklearn.model_selection import train_test_split
 
 from .cli import exit_with, run_stage
 from .errors import PipelineError
-from .outputs import atomic_directory, load_npy, read_csv, write_csv, write_json, write_npy
+from .outputs import (
+    atomic_directory,
+    load_npy,
+    package_versions,
+    read_csv,
+    write_csv,
+    write_json,
+    write_npy,
+)
 
 log = logging.getLogger("audiomnist_anomalies.detect")
 
@@ -151,14 +160,15 @@ def detect_anomalies(
         If the training part is too small for the requested models.
     """
     n_recordings, n_frequencies = spectra.shape
-    is_train = split_training(n_recordings, test_size, random_state)
-    n_train = int(is_train.sum())
+    # train_test_split rounds the held-out count up.
+    n_train = n_recordings - math.ceil(test_size * n_recordings)
     if n_train < MIN_TRAINING_RECORDINGS:
         raise PipelineError(
             f"only {n_train} recordings in the training part (of {n_recordings}); "
             f"at least {MIN_TRAINING_RECORDINGS} are needed. Add recordings or lower "
             "detect.test_size."
         )
+    is_train = split_training(n_recordings, test_size, random_state)
     if isinstance(pca_components, int) and pca_components > min(n_train, n_frequencies):
         raise PipelineError(
             f"detect.pca_components = {pca_components} exceeds the "
@@ -266,6 +276,8 @@ def write_outputs(detection: Detection, recording_ids: list[str]) -> None:
                 "reconstruction_error": detection.reconstruction_threshold,
             },
         )
+        # joblib files load reliably only with the versions that wrote them.
+        write_json(folder / "versions.json", package_versions())
     write_json(METRICS_PATH, detect_metrics(detection))
 
 

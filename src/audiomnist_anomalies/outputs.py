@@ -2,8 +2,9 @@
 
 Every writer puts the content in a temporary file next to the target and
 renames it into place, so a stage killed at any moment leaves each output
-either complete or absent. Figures are saved without time stamps or
-software versions in their metadata, so the same data give the same bytes.
+either complete or absent; temporaries that a killed run left behind are
+removed by the next write. Figures carry package versions but no time
+stamp in their metadata, so the same data and packages give the same bytes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,39 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 
+def remove_stale_temporaries(target: Path) -> None:
+    """Delete temporary files or folders that a killed run left beside ``target``."""
+    for stale in target.parent.glob(f".{target.name}.*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def package_versions() -> dict[str, str]:
+    """Return the versions of Python and the packages that shape the outputs."""
+    import platform
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for package in (
+        "audiomnist-anomalies",
+        "numpy",
+        "scipy",
+        "scikit-learn",
+        "pacmap",
+        "numba",
+        "faiss-cpu",
+        "matplotlib",
+        "joblib",
+    ):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path | str, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path that replaces ``target`` when the block succeeds.
@@ -31,6 +65,7 @@ def atomic_path(target: Path | str, suffix: str = "") -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
     handle, name = tempfile.mkstemp(
         prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent
     )
@@ -49,6 +84,7 @@ def atomic_directory(target: Path | str) -> Iterator[Path]:
     """Yield a temporary folder that replaces the folder ``target`` on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
     temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield temporary
@@ -120,11 +156,15 @@ def read_csv(path: Path | str) -> list[dict[str, str]]:
 
 
 def save_figure(figure: Any, target: Path | str, dpi: int = 110) -> None:
-    """Save a Matplotlib figure as PNG without time stamp or version metadata."""
+    """Save a Matplotlib figure as PNG, with package versions and no time stamp.
+
+    The PNG text chunk ``Software`` lists the versions from `package_versions`.
+    """
     import matplotlib.pyplot as plt
 
+    software = ", ".join(f"{name} {version}" for name, version in package_versions().items())
     with atomic_path(target, suffix=".png") as temporary:
-        figure.savefig(temporary, format="png", dpi=dpi, metadata={"Software": None})
+        figure.savefig(temporary, format="png", dpi=dpi, metadata={"Software": software})
     plt.close(figure)
 
 

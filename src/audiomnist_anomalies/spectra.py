@@ -163,6 +163,15 @@ def compute_spectra(
         seen_content[digest] = relative
 
         speaker = match["speaker"].zfill(2)
+        folder = path.parent.relative_to(raw_dir).as_posix()
+        if folder != speaker:
+            log.warning(
+                "spectra: %s is in folder '%s', not in the folder of speaker %s; "
+                "used with the speaker from its name",
+                relative,
+                folder,
+                speaker,
+            )
         if speaker not in metadata:
             missing_metadata.add(speaker)
         row = {
@@ -206,6 +215,9 @@ def data_metrics(result: SpectraResult) -> dict[str, Any]:
         "downmixed": sum(1 for row in rows if row["channels"] > 1),
         "sample_rates_hz": dict(
             sorted(Counter(str(row["sample_rate_hz"]) for row in rows).items())
+        ),
+        "outside_speaker_folder": sum(
+            1 for row in rows if row["path"].rsplit("/", 1)[0] != row["speaker"]
         ),
         "speakers": len({row["speaker"] for row in rows}),
         "speakers_without_metadata": len(

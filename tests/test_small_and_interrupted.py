@@ -1,0 +1,128 @@
+"""Tiny data sets finish or stop clearly, and killed runs leave no partial outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from audiomnist_anomalies.cluster import cluster
+from audiomnist_anomalies.detect import detect
+from audiomnist_anomalies.embed import embed
+from audiomnist_anomalies.errors import PipelineError
+from audiomnist_anomalies.fetch import fetch
+from audiomnist_anomalies.inspect import inspect
+from audiomnist_anomalies.outputs import atomic_path, read_csv
+from audiomnist_anomalies.params import default_params, validate_params
+from audiomnist_anomalies.spectra import spectra
+from project import BIN, dvc, locked_outputs, make_project
+from synthetic import make_dataset
+
+STAGES = (fetch, spectra, detect, embed, cluster, inspect)
+
+
+def run_all(params) -> None:
+    for stage in STAGES:
+        stage(params)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    "n_recordings, outcome",
+    [
+        (1, "training part"),
+        (2, "training part"),
+        (5, "cluster.n_clusters = 10 exceeds the 5 recordings"),
+        (10, None),
+        (30, None),
+        (100, None),
+    ],
+)
+def test_small_data_sets(tmp_path, monkeypatch, n_recordings, outcome):
+    source = make_dataset(tmp_path / "source", speakers=1, repetitions=n_recordings, anomalies=False)
+    monkeypatch.chdir(tmp_path)
+    params = default_params()
+    params["data"]["source"] = str(source)
+    params = validate_params(params)
+
+    if outcome is not None:
+        with pytest.raises(PipelineError, match=outcome):
+            run_all(params)
+        return
+    run_all(params)
+    assert len(read_csv(tmp_path / "data/clusters.csv")) == n_recordings
+    assert np.all(np.isfinite(np.load(tmp_path / "data/embedding.npy")))
+    method = json.loads((tmp_path / "metrics/embed.json").read_text())["method"]
+    assert method == ("pca" if n_recordings < 20 else "pacmap")
+
+
+def test_stale_temporaries_are_removed(tmp_path):
+    target = tmp_path / "scores.csv"
+    (tmp_path / ".scores.csv.abc123.tmp").write_text("half")
+    (tmp_path / ".scores.csv.folder").mkdir()
+    with atomic_path(target) as temporary:
+        temporary.write_text("whole")
+
+    assert target.read_text() == "whole"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["scores.csv"]
+
+
+def test_failed_write_leaves_target_unchanged(tmp_path):
+    target = tmp_path / "scores.csv"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as temporary:
+            temporary.write_text("partial")
+            raise RuntimeError("killed")
+
+    assert target.read_text() == "old"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["scores.csv"]
+
+
+def outputs_complete_or_absent(project) -> None:
+    """Assert every declared output either is absent or reads back whole."""
+    for name in ("spectra.npy", "frequencies.npy", "errors.npy", "embedding.npy"):
+        path = project / "data" / name
+        if path.exists():
+            np.load(path, allow_pickle=False)
+    for name in ("data/recordings.csv", "data/scores.csv", "data/clusters.csv"):
+        path = project / name
+        if path.exists():
+            rows = read_csv(path)
+            assert len(rows) == 60
+    leftovers = [path for path in project.rglob(".*.tmp")]
+    assert leftovers == [] or all(".git" in path.parts or ".dvc" in path.parts for path in leftovers)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("marker", ["data/spectra.npy", "data/scores.csv", "data/embedding.npy"])
+def test_killed_repro_then_rerun(tmp_path, marker):
+    source = make_dataset(tmp_path / "source")
+    project = make_project(tmp_path / "project", source)
+    environment = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    process = subprocess.Popen(
+        [str(BIN / "dvc"), "repro"],
+        cwd=project,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 600
+    while not (project / marker).exists() and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    outputs_complete_or_absent(project)
+    dvc(project, "repro")
+    assert json.loads(dvc(project, "status", "--json").stdout) == {}
+    assert len(read_csv(project / "data/clusters.csv")) == 60
+    assert "plots/inspect" in locked_outputs(project)
