@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import numpy as np
 import pytest
 
 from audiomnist_anomalies.outputs import read_csv
-from project import dvc, locked_outputs, make_project
+from conftest import PROJECT_ROOT
+from project import BIN, dvc, locked_outputs, make_project, run
 from synthetic import make_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -102,3 +104,43 @@ def test_forced_rerun_is_byte_identical(project):
     assert len(before) == 20
     assert "plots/embedding.png" in before
     assert "plots/inspect" in before
+
+
+def test_score_matches_pipeline_and_rejects(project, tmp_path):
+    junk = tmp_path / "junk.wav"
+    junk.write_text("not audio")
+    recording = project / "data/raw/02/6_02_1.wav"
+    out = tmp_path / "new_scores.csv"
+    run(
+        [str(BIN / "python"), "-m", "audiomnist_anomalies.score", str(recording), str(junk), "--out", str(out)],
+        project,
+    )
+    rows = read_csv(out)
+    pipeline = {row["recording_id"]: row for row in read_csv(project / "data/scores.csv")}
+    clusters = json.loads((project / "metrics/cluster.json").read_text())["clusters"]
+
+    assert [row["status"] for row in rows] == ["scored", "rejected"]
+    assert float(rows[0]["isolation_forest_score"]) == pytest.approx(
+        float(pipeline["6_02_1"]["isolation_forest_score"]), rel=1e-9
+    )
+    assert float(rows[0]["reconstruction_error"]) == pytest.approx(
+        float(pipeline["6_02_1"]["reconstruction_error"]), rel=1e-5
+    )
+    assert rows[0]["isolation_forest_anomaly"] == pipeline["6_02_1"]["isolation_forest_anomaly"]
+    assert rows[0]["cluster_name"] == clusters[rows[0]["cluster"]]["name"]
+    assert rows[1]["reason"] == "not a WAV file (no RIFF/WAVE header)"
+
+
+def test_score_without_models_fails_clearly(tmp_path):
+    (tmp_path / "params.yaml").write_text((PROJECT_ROOT / "params.yaml").read_text())
+    result = subprocess.run(
+        [str(BIN / "python"), "-m", "audiomnist_anomalies.score", "x.wav"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 2
+    assert "Run 'dvc repro'" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -79,6 +79,26 @@ def error_profiles(errors: np.ndarray, labels: np.ndarray, n_clusters: int) -> n
     return profiles
 
 
+def nearest_profile_agreement(
+    errors: np.ndarray, labels: np.ndarray, profiles: np.ndarray, batch: int = 1024
+) -> float:
+    """Return the share of recordings whose nearest mean profile is their own cluster's.
+
+    This is how well the rule that the score command uses for new recordings
+    reproduces the k-means clusters.
+    """
+    hits = 0
+    for start in range(0, errors.shape[0], batch):
+        block = errors[start : start + batch].astype(np.float64)
+        distances = (
+            (block**2).sum(axis=1)[:, np.newaxis]
+            - 2 * block @ profiles.T
+            + (profiles**2).sum(axis=1)[np.newaxis, :]
+        )
+        hits += int((distances.argmin(axis=1) == labels[start : start + batch]).sum())
+    return round(hits / errors.shape[0], 4)
+
+
 def frequency_bands(edges_hz: list[float], nyquist_hz: float) -> list[tuple[float, float]]:
     """Cut the configured band edges at the Nyquist frequency.
 
@@ -266,6 +286,7 @@ def cluster(params: dict[str, dict[str, Any]]) -> str:
         profile_name(description, float(reference.mean())) for description in descriptions
     ]
     sizes = np.bincount(labels, minlength=n_clusters)
+    agreement = nearest_profile_agreement(errors, labels, profiles)
     silhouette = None
     if 2 <= n_clusters < n_recordings and len(np.unique(labels)) > 1:
         silhouette = round(float(silhouette_score(embedding, labels)), 6)
@@ -304,6 +325,7 @@ def cluster(params: dict[str, dict[str, Any]]) -> str:
             "n_clusters": n_clusters,
             "method": method,
             "silhouette": silhouette,
+            "nearest_profile_agreement": agreement,
             "sizes": {str(label): int(size) for label, size in enumerate(sizes)},
             "clusters": {
                 str(label): dict(description, name=names[label], size=int(sizes[label]))

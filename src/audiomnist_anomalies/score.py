@@ -1,0 +1,213 @@
+"""Score new recordings with the models that the pipeline saved.
+
+For each WAV file this command computes the spectrum exactly as the spectra
+stage does, scores it with the saved Isolation Forest and PCA, flags it with
+the saved thresholds, and assigns it to the cluster whose mean
+reconstruction-error profile is nearest in Euclidean distance. The cluster
+stage reports in ``metrics/cluster.json`` how often this rule gives the
+pipeline's own recordings their k-means cluster. A file that cannot be read gets a row with the reason instead
+of stopping the batch.
+
+Run it from the project root after ``dvc repro``::
+
+    python -m audiomnist_anomalies.score new/*.wav --out new_scores.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .audio import magnitude_spectrum, preprocess, read_wav
+from .cli import EXIT_USER_ERROR, configure_logging, exit_with
+from .detect import load_models, reconstruct
+from .errors import AudioInputError, ParameterError, PipelineError
+from .outputs import format_value, load_npy, read_csv, write_csv
+from .params import load_params
+
+log = logging.getLogger("audiomnist_anomalies.score")
+
+MODELS_DIR = Path("data/models")
+PROFILES_PATH = Path("plots/error_profiles.csv")
+CLUSTER_METRICS_PATH = Path("metrics/cluster.json")
+FREQUENCIES_PATH = Path("data/frequencies.npy")
+COLUMNS = (
+    "path",
+    "status",
+    "reason",
+    "isolation_forest_score",
+    "reconstruction_error",
+    "isolation_forest_anomaly",
+    "reconstruction_anomaly",
+    "both_anomaly",
+    "cluster",
+    "cluster_name",
+)
+
+
+def load_profiles(path: Path, n_frequencies: int) -> tuple[list[str], np.ndarray]:
+    """Read the per-cluster mean error profiles written by the cluster stage.
+
+    Returns
+    -------
+    labels : list of str
+        Cluster numbers as text, in file order.
+    profiles : np.ndarray [shape=(n_clusters, n_frequencies)]
+    """
+    rows = read_csv(path)
+    labels: list[str] = []
+    values: dict[str, list[float]] = {}
+    for row in rows:
+        label = row["cluster"].removeprefix("cluster ")
+        if label not in values:
+            labels.append(label)
+            values[label] = []
+        values[label].append(float(row["mean_error"]))
+    profiles = np.array([values[label] for label in labels])
+    if profiles.ndim != 2 or profiles.shape[1] != n_frequencies:
+        raise PipelineError(f"{path} does not match the spectra; rerun dvc repro")
+    return labels, profiles
+
+
+def nearest_cluster(errors: np.ndarray, profiles: np.ndarray) -> int:
+    """Return the index of the mean error profile nearest to ``errors`` (Euclidean)."""
+    return int(np.argmin(np.linalg.norm(profiles - errors, axis=1)))
+
+
+def score_files(paths: list[Path], params: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Score each file; unreadable files get ``status`` "rejected" and a reason."""
+    forest, pca, thresholds = load_models(MODELS_DIR)
+    frequencies = load_npy(FREQUENCIES_PATH)
+    labels, profiles = load_profiles(PROFILES_PATH, frequencies.shape[0])
+    names = {
+        label: cluster["name"]
+        for label, cluster in json.loads(CLUSTER_METRICS_PATH.read_text())["clusters"].items()
+    }
+    settings = params["spectra"]
+    rows = []
+    for path in paths:
+        row: dict[str, Any] = {column: None for column in COLUMNS}
+        row["path"] = str(path)
+        try:
+            recording = read_wav(path)
+            samples = preprocess(
+                recording,
+                settings["sample_rate"],
+                settings["duration"],
+                settings["smoothing_window"],
+            )
+            spectrum, _ = magnitude_spectrum(samples)
+        except AudioInputError as error:
+            row.update(status="rejected", reason=str(error))
+            log.warning("score: rejected %s: %s", path, error)
+            rows.append(row)
+            continue
+        features = spectrum[np.newaxis, :]
+        forest_score = float(-forest.score_samples(features)[0])
+        errors = (features - reconstruct(pca, features))[0] ** 2
+        error = float(errors.mean())
+        label = labels[nearest_cluster(errors, profiles)]
+        forest_flag = forest_score > thresholds["isolation_forest"]
+        pca_flag = error > thresholds["reconstruction_error"]
+        row.update(
+            status="scored",
+            reason="",
+            isolation_forest_score=forest_score,
+            reconstruction_error=error,
+            isolation_forest_anomaly=forest_flag,
+            reconstruction_anomaly=pca_flag,
+            both_anomaly=forest_flag and pca_flag,
+            cluster=label,
+            cluster_name=names.get(label, ""),
+        )
+        rows.append(row)
+    return rows
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """Build the command-line parser."""
+    parser = argparse.ArgumentParser(
+        prog="python -m audiomnist_anomalies.score",
+        description=(
+            "Score WAV files with the models saved by 'dvc repro' (run from the "
+            "project root). Prints one CSV row per file: Isolation Forest anomaly "
+            "score (dimensionless, higher is more anomalous), PCA reconstruction "
+            "error (mean squared error of the spectrum normalized to maximum 1), "
+            "both anomaly flags, and the nearest error-profile cluster with its name."
+        ),
+    )
+    parser.add_argument("files", nargs="+", type=Path, metavar="FILE", help="WAV files to score")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="CSV",
+        help="write the rows to this CSV file instead of standard output",
+    )
+    parser.add_argument(
+        "--params",
+        default="params.yaml",
+        metavar="FILE",
+        help="parameter file whose spectra settings (sample rate in Hz, duration "
+        "in seconds, smoothing window in samples) the models were fitted with "
+        "(default: params.yaml)",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show debug logs and tracebacks"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns 0, or 2 when the models are missing."""
+    options = make_parser().parse_args(argv)
+    configure_logging(options.debug)
+    started = time.perf_counter()
+    try:
+        params = load_params(options.params)
+        missing = [
+            str(path)
+            for path in (MODELS_DIR, PROFILES_PATH, CLUSTER_METRICS_PATH, FREQUENCIES_PATH)
+            if not path.exists()
+        ]
+        if missing:
+            raise ParameterError(
+                f"pipeline outputs not found: {', '.join(missing)}. Run 'dvc repro' "
+                "(or 'dvc pull') in the project root first."
+            )
+        log.info("score: %d files", len(options.files))
+        rows = score_files(options.files, params)
+    except PipelineError as error:
+        if options.debug:
+            log.exception("score failed")
+        else:
+            log.error("score failed: %s", error)
+        return EXIT_USER_ERROR
+    if options.out:
+        write_csv(options.out, COLUMNS, ([row[column] for column in COLUMNS] for row in rows))
+    else:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(COLUMNS)
+
+        for row in rows:
+            writer.writerow([format_value(row[column]) for column in COLUMNS])
+    scored = sum(row["status"] == "scored" for row in rows)
+    log.info(
+        "score done in %.1f s: %d scored, %d rejected%s",
+        time.perf_counter() - started,
+        scored,
+        len(rows) - scored,
+        f", written to {options.out}" if options.out else "",
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    exit_with(main())
