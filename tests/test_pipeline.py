@@ -67,6 +67,7 @@ def test_metrics_show_lists_every_file(project):
     assert data["metrics/detect.json"]["data"]["recordings"] == 60
     assert sum(data["metrics/cluster.json"]["data"]["sizes"].values()) == 60
     assert data["metrics/embed.json"]["data"]["method"] == "pacmap"
+    assert data["metrics/evaluate.json"]["data"]["corrupted"] == 11
 
 
 def test_plots_show_renders_everything(project, tmp_path):
@@ -74,6 +75,7 @@ def test_plots_show_renders_everything(project, tmp_path):
     page = (tmp_path / "plots" / "index.html").read_text()
 
     assert page.count("<img") == 3 + 20
+    assert '"false_positive_rate": "0.5"' in page
     assert '"cluster": "cluster 9"' in page
     assert '"recording_id": "6_01_0"' in page
 
@@ -87,7 +89,7 @@ def test_parameter_change_reruns_downstream_only(project):
         log = dvc(project, "repro").stdout
         assert "Running stage 'cluster'" in log
         assert "Running stage 'inspect'" in log
-        for stage in ("fetch", "spectra", "detect", "embed"):
+        for stage in ("fetch", "spectra", "detect", "embed", "evaluate"):
             assert f"Running stage '{stage}'" not in log
         assert len(read_csv(project / "plots/inspect/index.csv")) == 10 + 4
     finally:
@@ -100,8 +102,8 @@ def test_forced_rerun_is_byte_identical(project):
     dvc(project, "repro", "--force")
 
     assert locked_outputs(project) == before
-    # 14 data and plot outputs, 2 output folders (figures, models) and 4 metrics files.
-    assert len(before) == 20
+    # 17 data and plot outputs, 2 output folders (figures, models) and 5 metrics files.
+    assert len(before) == 24
     assert "plots/embedding.png" in before
     assert "plots/inspect" in before
 

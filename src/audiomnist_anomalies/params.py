@@ -129,6 +129,30 @@ def _band_edges(value: Any) -> str | None:
     return None
 
 
+DEFECT_NAMES = (
+    "noise",
+    "hum",
+    "clipping",
+    "low_pass",
+    "high_pass",
+    "cut_off",
+    "reversed",
+    "speed",
+    "near_silence",
+    "dc_offset",
+    "second_voice",
+)
+
+
+def _defect_names(value: Any) -> str | None:
+    text = "a non-empty list of distinct names from " + ", ".join(DEFECT_NAMES)
+    if not isinstance(value, list) or not value or len(set(map(str, value))) != len(value):
+        return text
+    if any(name not in DEFECT_NAMES for name in value):
+        return text
+    return None
+
+
 SCHEMA: dict[str, dict[str, Spec]] = {
     "data": {
         "source": Spec(
@@ -215,6 +239,35 @@ SCHEMA: dict[str, dict[str, Spec]] = {
             _band_edges,
             [0, 120, 250, 500, 1000, 2000, 3400],
             "frequency bands for naming each error profile",
+        ),
+    },
+    "evaluate": {
+        "fraction": Spec(
+            float,
+            _float_open_closed(0, 0.5),
+            0.05,
+            "share of recordings to corrupt with known defects",
+        ),
+        "random_state": Spec(int, _int_range(0, 2**32 - 1), 42, "seed"),
+        "defects": Spec(list, _defect_names, list(DEFECT_NAMES), "defect types to plant"),
+        "noise_snr_db": Spec(float, _float_open_closed(-30, 60, low_open=False), 10.0, "dB"),
+        "hum_frequency_hz": Spec(int, _choice(50, 60), 50, "mains frequency in Hz"),
+        "hum_snr_db": Spec(float, _float_open_closed(-30, 60, low_open=False), 0.0, "dB"),
+        "clipping_level": Spec(
+            float, _float_open_closed(0, 1, high_open=True), 0.1, "clip level / peak"
+        ),
+        "low_pass_hz": Spec(float, _positive_number, 500.0, "cut-off in Hz"),
+        "high_pass_hz": Spec(float, _positive_number, 1500.0, "cut-off in Hz"),
+        "cut_off_keep": Spec(
+            float, _float_open_closed(0, 1, high_open=True), 0.4, "share kept"
+        ),
+        "speed_factor": Spec(float, _float_open_closed(0.25, 4), 1.3, "playback speed"),
+        "near_silence_db": Spec(
+            float, _float_open_closed(-120, 0, low_open=False, high_open=True), -50.0, "dB"
+        ),
+        "dc_offset": Spec(float, _float_open_closed(0, 1), 0.3, "offset / peak"),
+        "second_voice_db": Spec(
+            float, _float_open_closed(-30, 30, low_open=False), 0.0, "dB"
         ),
     },
     "inspect": {

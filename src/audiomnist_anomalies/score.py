@@ -1,8 +1,8 @@
 """Score new recordings with the models that the pipeline saved.
 
 For each WAV file this command computes the spectrum exactly as the spectra
-stage does, scores it with the saved Isolation Forest and PCA, flags it with
-the saved thresholds, and assigns it to the cluster whose mean
+stage does and scores it with the saved Isolation Forest and PCA. The saved
+thresholds set its flags. It is assigned to the cluster whose mean
 reconstruction-error profile is nearest in Euclidean distance. The cluster
 stage reports in ``metrics/cluster.json`` how often this rule gives the
 pipeline's own recordings their k-means cluster. A file that cannot be read gets a row with the reason instead

@@ -1,0 +1,281 @@
+"""Stage ``evaluate``: measure the detectors on recordings with known defects.
+
+The stage corrupts a seeded share (``evaluate.fraction``) of the usable
+recordings with the defect types in ``evaluate.defects`` (see `defects`),
+the types spread evenly over the corrupted recordings. It then computes the
+same spectra and runs the same detectors as the main pipeline on that set,
+and measures how well each detector ranks the corrupted recordings above
+the clean ones: ROC AUC, average precision, and precision among the top k
+where k is the number of corrupted recordings, overall and per defect type.
+The combined score is the mean of the two detectors' rank percentiles.
+The main pipeline's outputs are never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.stats import rankdata
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+from tqdm import tqdm
+
+from .audio import magnitude_spectrum, preprocess, read_wav, Recording
+from .cli import exit_with, run_stage
+from .defects import DEFECTS, quantize_16_bit
+from .detect import detect_anomalies
+from .errors import AudioInputError, PipelineError
+from .outputs import read_csv, write_csv, write_json
+
+log = logging.getLogger("audiomnist_anomalies.evaluate")
+
+RAW_DIR = Path("data/raw")
+RECORDINGS_PATH = Path("data/recordings.csv")
+SCORES_PATH = Path("data/evaluate/scores.csv")
+METRICS_PATH = Path("metrics/evaluate.json")
+ROC_PATH = Path("plots/evaluate_roc.csv")
+PR_PATH = Path("plots/evaluate_pr.csv")
+DETECTORS = ("isolation_forest", "reconstruction_error", "combined")
+CLEAN = "clean"
+# Curves are sampled on this many evenly spaced points so the CSVs stay small.
+CURVE_POINTS = 101
+
+
+def assign_defects(
+    n_recordings: int, fraction: float, defects: list[str], random_state: int
+) -> list[str]:
+    """Choose which recordings to corrupt and with which defect.
+
+    Returns
+    -------
+    list of str
+        ``"clean"`` or a defect name for every recording. The number of
+        corrupted recordings is ``round(fraction * n)`` (at least one per
+        defect type when there are enough recordings), and the types are
+        dealt out in turn so each has nearly the same count.
+    """
+    rng = np.random.default_rng(random_state)
+    count = int(round(fraction * n_recordings))
+    count = min(max(count, len(defects)), n_recordings - 1)
+    if count < 1:
+        raise PipelineError(
+            f"evaluate needs at least 2 recordings to corrupt one, got {n_recordings}"
+        )
+    chosen = rng.choice(n_recordings, size=count, replace=False)
+    labels = [CLEAN] * n_recordings
+    for position, index in enumerate(chosen):
+        labels[int(index)] = defects[position % len(defects)]
+    return labels
+
+
+def defect_arguments(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Map each defect name to its severity keyword arguments from ``params.yaml``."""
+    return {
+        "noise": {"snr_db": settings["noise_snr_db"]},
+        "hum": {"frequency_hz": settings["hum_frequency_hz"], "snr_db": settings["hum_snr_db"]},
+        "clipping": {"level": settings["clipping_level"]},
+        "low_pass": {"cutoff_hz": settings["low_pass_hz"]},
+        "high_pass": {"cutoff_hz": settings["high_pass_hz"]},
+        "cut_off": {"keep": settings["cut_off_keep"]},
+        "reversed": {},
+        "speed": {"factor": settings["speed_factor"]},
+        "near_silence": {"gain_db": settings["near_silence_db"]},
+        "dc_offset": {"offset": settings["dc_offset"]},
+        "second_voice": {"level_db": settings["second_voice_db"]},
+    }
+
+
+def corrupt(
+    recordings: list[Recording],
+    speakers: list[str],
+    labels: list[str],
+    settings: dict[str, Any],
+) -> list[Recording]:
+    """Apply each recording's defect and quantize the result to 16 bits.
+
+    The second voice comes from a randomly chosen clean recording of
+    another speaker, resampled to the corrupted recording's rate.
+    """
+    from .audio import resample
+
+    rng = np.random.default_rng(settings["random_state"] + 1)
+    arguments = defect_arguments(settings)
+    clean = [index for index, label in enumerate(labels) if label == CLEAN]
+    corrupted = []
+    for index, (recording, label) in enumerate(zip(recordings, labels)):
+        if label == CLEAN:
+            corrupted.append(recording)
+            continue
+        extra = dict(arguments[label])
+        if label == "second_voice":
+            others = [i for i in clean if speakers[i] != speakers[index]] or clean
+            other = recordings[int(rng.choice(others))]
+            extra["other"] = resample(other.samples, other.sample_rate, recording.sample_rate)
+        samples = DEFECTS[label](recording.samples, recording.sample_rate, rng, **extra)
+        corrupted.append(
+            Recording(
+                quantize_16_bit(samples), recording.sample_rate, recording.channels, recording.encoding
+            )
+        )
+    return corrupted
+
+
+def precision_at_k(is_anomaly: np.ndarray, scores: np.ndarray) -> float:
+    """Share of true anomalies among the k highest scores, k = number of anomalies."""
+    k = int(is_anomaly.sum())
+    if k == 0:
+        return float("nan")
+    top = np.argsort(-scores, kind="stable")[:k]
+    return float(is_anomaly[top].mean())
+
+
+def detection_quality(is_anomaly: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """ROC AUC, average precision and precision at k of one score."""
+    return {
+        "roc_auc": round(float(roc_auc_score(is_anomaly, scores)), 4),
+        "average_precision": round(float(average_precision_score(is_anomaly, scores)), 4),
+        "precision_at_k": round(precision_at_k(is_anomaly, scores), 4),
+        "anomalies": int(is_anomaly.sum()),
+    }
+
+
+def rank_average(*scores: np.ndarray) -> np.ndarray:
+    """Mean of the rank percentiles of several scores (higher is more anomalous)."""
+    return np.mean([rankdata(score) / score.shape[0] for score in scores], axis=0)
+
+
+def evaluate_scores(labels: list[str], scores: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Measure every detector overall and per defect type (that type against clean)."""
+    labels_array = np.array(labels)
+    is_anomaly = labels_array != CLEAN
+    types = sorted(set(labels) - {CLEAN})
+    result: dict[str, Any] = {}
+    for detector, score in scores.items():
+        result[detector] = {"overall": detection_quality(is_anomaly, score)}
+        for defect in types:
+            subset = (labels_array == CLEAN) | (labels_array == defect)
+            result[detector][defect] = detection_quality(
+                labels_array[subset] == defect, score[subset]
+            )
+    return result
+
+
+def sampled_curves(
+    is_anomaly: np.ndarray, scores: dict[str, np.ndarray]
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Sample ROC and interpolated precision-recall curves on a fixed grid.
+
+    Returns rows of (false positive rate, true positive rate per detector)
+    and (recall, precision per detector). Interpolated precision at recall r
+    is the highest precision at any recall of at least r.
+    """
+    grid = np.linspace(0.0, 1.0, CURVE_POINTS)
+    roc_rows = [[float(x)] for x in grid]
+    pr_rows = [[float(x)] for x in grid]
+    for score in scores.values():
+        false_positive, true_positive, _ = roc_curve(is_anomaly, score)
+        tpr = np.interp(grid, false_positive, true_positive)
+        precision, recall, _ = precision_recall_curve(is_anomaly, score)
+        order = np.argsort(recall)
+        best = np.maximum.accumulate(precision[order][::-1])[::-1]
+        interpolated = [float(best[np.searchsorted(recall[order], r)]) if r <= recall.max() else 0.0 for r in grid]
+        for row, value in zip(roc_rows, tpr):
+            row.append(round(float(value), 6))
+        for row, value in zip(pr_rows, interpolated):
+            row.append(round(value, 6))
+    return roc_rows, pr_rows
+
+
+def evaluate(params: dict[str, dict[str, Any]]) -> str:
+    """Run the evaluate stage with validated parameters; return its summary line."""
+    settings = params["evaluate"]
+    audio = params["spectra"]
+    rows = read_csv(RECORDINGS_PATH)
+    recordings = []
+    for row in tqdm(rows, desc="read", unit="file", disable=None):
+        try:
+            recordings.append(read_wav(RAW_DIR / row["path"]))
+        except AudioInputError as error:
+            raise PipelineError(
+                f"cannot reread {RAW_DIR / row['path']}: {error}; rerun dvc repro"
+            ) from None
+    labels = assign_defects(
+        len(rows), settings["fraction"], settings["defects"], settings["random_state"]
+    )
+    log.info(
+        "evaluate: %d recordings, %d corrupted with %d defect types",
+        len(rows),
+        sum(label != CLEAN for label in labels),
+        len(settings["defects"]),
+    )
+    corrupted = corrupt(recordings, [row["speaker"] for row in rows], labels, settings)
+    spectra = []
+    for index, recording in enumerate(tqdm(corrupted, desc="spectra", unit="file", disable=None)):
+        samples = preprocess(recording, audio["sample_rate"], audio["duration"], audio["smoothing_window"])
+        try:
+            spectrum, _ = magnitude_spectrum(samples)
+        except AudioInputError:
+            # A defect can silence a recording completely; its spectrum is then
+            # zero, which the detectors can still score.
+            spectrum = np.zeros(samples.shape[0] // 2 + 1)
+        spectra.append(spectrum.astype(np.float32))
+    matrix = np.vstack(spectra)
+    detection = detect_anomalies(matrix, **params["detect"])
+    scores = {
+        "isolation_forest": detection.isolation_forest_score,
+        "reconstruction_error": detection.reconstruction_error,
+    }
+    scores["combined"] = rank_average(*scores.values())
+    quality = evaluate_scores(labels, scores)
+    is_anomaly = np.array(labels) != CLEAN
+    roc_rows, pr_rows = sampled_curves(is_anomaly, scores)
+
+    write_csv(
+        SCORES_PATH,
+        ("recording_id", "defect", "set", *DETECTORS),
+        (
+            (
+                row["recording_id"],
+                labels[index],
+                "train" if detection.is_train[index] else "test",
+                *(float(scores[name][index]) for name in DETECTORS),
+            )
+            for index, row in enumerate(rows)
+        ),
+    )
+    write_csv(ROC_PATH, ("false_positive_rate", *DETECTORS), roc_rows)
+    write_csv(PR_PATH, ("recall", *DETECTORS), pr_rows)
+    write_json(
+        METRICS_PATH,
+        {
+            "recordings": len(rows),
+            "corrupted": int(is_anomaly.sum()),
+            "defect_counts": {
+                defect: labels.count(defect) for defect in sorted(set(labels) - {CLEAN})
+            },
+            "detectors": quality,
+        },
+    )
+    best = max(DETECTORS, key=lambda name: quality[name]["overall"]["roc_auc"])
+    return (
+        "ROC AUC overall: "
+        + ", ".join(f"{name} {quality[name]['overall']['roc_auc']:.3f}" for name in DETECTORS)
+        + f"; best {best}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point of the evaluate stage."""
+    return run_stage(
+        "evaluate",
+        "Corrupt a share of the recordings with known defects and measure how well "
+        "the detectors rank them above the clean ones.",
+        lambda params, options: evaluate(params),
+        argv,
+    )
+
+
+if __name__ == "__main__":
+    exit_with(main())
