@@ -10,7 +10,7 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test clean
+.PHONY: install run test clean check-report
 
 $(VENV)/installed: requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,3 +32,9 @@ test: install
 
 clean:
 	rm -rf $(VENV) dvc_plots .pytest_cache
+
+# Opens report/index.html in headless Chromium (Debian package chromium,
+# install it with: apt-get install chromium) and checks its players and
+# images; writes report/screenshot.png.
+check-report: install
+	$(BIN)/python -m pytest -ra -m browser tests/test_report.py

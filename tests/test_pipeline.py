@@ -102,8 +102,8 @@ def test_forced_rerun_is_byte_identical(project):
     dvc(project, "repro", "--force")
 
     assert locked_outputs(project) == before
-    # 17 data and plot outputs, 2 output folders (figures, models) and 5 metrics files.
-    assert len(before) == 24
+    # 18 data, plot and report outputs, 2 output folders (figures, models) and 5 metrics files.
+    assert len(before) == 25
     assert "plots/embedding.png" in before
     assert "plots/inspect" in before
 
