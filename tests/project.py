@@ -21,6 +21,10 @@ def run(command: list[str], cwd: Path, timeout: float = 900) -> subprocess.Compl
     """Run a command with the test interpreter's tools first on PATH; fail loudly."""
     environment = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     environment.pop("AUDIOMNIST_DEBUG", None)
+    # dvc exp run commits experiments, which needs an identity on any machine.
+    for variable in ("GIT_AUTHOR", "GIT_COMMITTER"):
+        environment.setdefault(f"{variable}_NAME", "test")
+        environment.setdefault(f"{variable}_EMAIL", "test@localhost")
     result = subprocess.run(
         command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=environment
     )
