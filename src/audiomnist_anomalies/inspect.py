@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from .audio import preprocess, read_wav, reconstruct_signal, magnitude_spectrum
 from .cli import exit_with, run_stage
@@ -143,7 +144,7 @@ def inspect(params: dict[str, dict[str, Any]]) -> str:
     )
     index_rows = []
     with atomic_directory(OUTPUT_DIR) as folder:
-        for name, index in selected:
+        for name, index in tqdm(selected, desc="inspect", unit="recording", disable=None):
             recording = recordings[index]
             score = scores[index]
             try:

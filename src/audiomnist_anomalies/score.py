@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from .audio import magnitude_spectrum, preprocess, read_wav
 from .cli import EXIT_USER_ERROR, configure_logging, exit_with
@@ -93,7 +94,7 @@ def score_files(paths: list[Path], params: dict[str, dict[str, Any]]) -> list[di
     }
     settings = params["spectra"]
     rows = []
-    for path in paths:
+    for path in tqdm(paths, desc="score", unit="file", disable=None):
         row: dict[str, Any] = {column: None for column in COLUMNS}
         row["path"] = str(path)
         try:
