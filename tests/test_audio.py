@@ -155,3 +155,12 @@ def test_full_pca_reconstruction_returns_input_signal(tmp_path):
     for index, signal in enumerate(signals):
         waveform = reconstruct_signal(signal, reconstructed[index], maxima[index])
         assert np.max(np.abs(waveform - signal)) < 1e-6 * np.max(np.abs(signal)) + 1e-9
+
+
+def test_opposite_channels_are_named(tmp_path):
+    left = tone(200, 0.1, amplitude=0.4)
+    path = tmp_path / "inverted.wav"
+    wavfile.write(path, SAMPLE_RATE, np.stack([left, -left], axis=1).astype(np.float32))
+
+    with pytest.raises(AudioInputError, match="channels cancel out"):
+        read_wav(path)

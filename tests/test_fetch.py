@@ -626,6 +626,27 @@ def test_unreachable_api_fails_fast(direct_connections, tmp_path):
     assert "ConnectionError" in str(error.value)
 
 
+@pytest.mark.timeout(60)
+def test_many_files_stop_after_first_failure(direct_connections, tmp_path, monkeypatch):
+    import audiomnist_anomalies.fetch as fetch_module
+
+    files = [
+        RemoteFile(f"data/{speaker:02d}/6_{speaker:02d}_{repetition}.wav", 10, "0" * 40)
+        for speaker in range(1, 21)
+        for repetition in range(50)
+    ]
+    monkeypatch.setattr(fetch_module, "load_manifest", lambda commit, digit: files)
+    url = f"http://127.0.0.1:{closed_port()}"
+    started = time.monotonic()
+
+    with pytest.raises(DownloadError, match="cannot reach"):
+        fetch_remote(REPO, COMMIT, 6, tmp_path / "raw", api_url=url, raw_url=url, retries=2,
+                     timeout=5.0, workers=8, download_dir=tmp_path / "download")
+
+    assert time.monotonic() - started < 15
+    assert not (tmp_path / "raw").exists()
+
+
 # --- local copy ------------------------------------------------------------
 
 

@@ -14,8 +14,19 @@ from audiomnist_anomalies.params import default_params, load_params, validate_pa
 from conftest import PROJECT_ROOT
 
 
-def test_committed_params_are_valid():
-    params = load_params(PROJECT_ROOT / "params.yaml")
+def committed_params_text() -> str:
+    """Return params.yaml as committed, because dvc exp run -S edits the working copy."""
+    result = subprocess.run(
+        ["git", "show", "HEAD:params.yaml"], cwd=PROJECT_ROOT, capture_output=True, text=True
+    )
+    if result.returncode == 0:
+        return result.stdout
+    return (PROJECT_ROOT / "params.yaml").read_text()
+
+
+def test_committed_params_are_valid(tmp_path):
+    (tmp_path / "params.yaml").write_text(committed_params_text())
+    params = load_params(tmp_path / "params.yaml")
 
     assert params == validate_params(default_params())
     assert params["data"]["source"].startswith("github:soerenab/AudioMNIST@630d7dab")
@@ -120,3 +131,20 @@ def test_stage_stops_with_one_line(tmp_path):
     assert "detect.contamination" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("stage", ["detect", "embed", "cluster", "inspect", "evaluate", "report"])
+def test_missing_input_gives_one_line(tmp_path, stage):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(default_params()))
+    result = subprocess.run(
+        [sys.executable, "-m", f"audiomnist_anomalies.{stage}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 2
+    assert "not found" in result.stderr
+    assert "dvc repro" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -205,9 +205,14 @@ def read_wav(path: Path | str) -> Recording:
         raise AudioInputError(f"cannot read file: {error.strerror or error}") from None
     sample_rate, frames, encoding = parse_wav(content)
     channels = frames.shape[1]
-    samples = frames[:, 0] if channels == 1 else frames.mean(axis=1)
-    if not np.all(np.isfinite(samples)):
+    if not np.all(np.isfinite(frames)):
         raise AudioInputError("WAV file contains NaN or infinite samples")
+    samples = frames[:, 0] if channels == 1 else frames.mean(axis=1)
+    if channels > 1 and not np.any(samples) and np.any(frames):
+        raise AudioInputError(
+            "channels cancel out when averaged to mono (a channel has inverted "
+            "polarity); fix the channel or keep one channel"
+        )
     return Recording(np.ascontiguousarray(samples), sample_rate, channels, encoding)
 
 

@@ -101,6 +101,20 @@ def run_stage(
         else:
             log.error("%s failed: %s", stage, error)
         return EXIT_USER_ERROR
+    except FileNotFoundError as error:
+        # DVC deletes a stage's outputs before rerunning it, so after a failed
+        # or interrupted run a later stage can find its inputs missing.
+        if options.debug:
+            log.exception("%s failed", stage)
+        else:
+            log.error(
+                "%s failed: input not found: %s. Run the earlier stages first: "
+                "dvc repro %s",
+                stage,
+                error.filename,
+                stage,
+            )
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         log.error("%s interrupted; no partial outputs were kept", stage)
         return EXIT_INTERRUPTED

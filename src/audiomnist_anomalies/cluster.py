@@ -279,6 +279,14 @@ def cluster(params: dict[str, dict[str, Any]]) -> str:
     profiles = error_profiles(errors, labels, n_clusters)
     reference = errors.mean(axis=0, dtype=np.float64)
     bands = frequency_bands(settings["band_edges_hz"], float(frequencies[-1]))
+    dropped = [edge for edge in settings["band_edges_hz"] if edge > frequencies[-1] + 1e-6]
+    if dropped:
+        log.warning(
+            "cluster.band_edges_hz: %s lie above the Nyquist frequency %.0f Hz and "
+            "are ignored",
+            dropped,
+            frequencies[-1],
+        )
     descriptions = [
         describe_profile(profile, reference, frequencies, bands) for profile in profiles
     ]

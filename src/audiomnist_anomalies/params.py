@@ -172,7 +172,7 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         ),
         "retries": Spec(int, _int_range(0, 20), 4, "retries per HTTP request"),
         "timeout": Spec(
-            float, _positive_number, 30, "HTTP timeout in seconds"
+            float, _positive_number, 15, "HTTP timeout in seconds"
         ),
         "workers": Spec(int, _int_range(1, 64), 8, "parallel downloads"),
     },
