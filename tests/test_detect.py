@@ -116,7 +116,7 @@ def test_stage_outputs_and_saved_models(dataset, in_tmp):
     detect(params)
     rows = read_csv(in_tmp / "data" / "scores.csv")
     metrics = json.loads((in_tmp / "metrics" / "detect.json").read_text())
-    forest, pca, thresholds = load_models(in_tmp / "data" / "models")
+    models = load_models(in_tmp / "data" / "models")
     matrix = np.load(in_tmp / "data" / "spectra.npy")
 
     assert len(rows) == 60
@@ -125,8 +125,11 @@ def test_stage_outputs_and_saved_models(dataset, in_tmp):
     assert metrics["flagged_both"] == sum(row["both_anomaly"] == "true" for row in rows)
     assert np.load(in_tmp / "data" / "errors.npy").shape == (60, 3401)
     assert np.allclose(
-        -forest.score_samples(matrix.astype(float)),
+        models.score(matrix)[0],
         [float(row["isolation_forest_score"]) for row in rows],
     )
-    assert pca.n_components_ == metrics["pca_components"]
-    assert thresholds["isolation_forest"] == pytest.approx(metrics["isolation_forest_threshold"], abs=1e-6)
+    assert models.pca.n_components_ == metrics["pca_components"]
+    assert models.scaler is None
+    assert models.thresholds["isolation_forest"] == pytest.approx(
+        metrics["isolation_forest_threshold"], abs=1e-6
+    )

@@ -102,8 +102,8 @@ def test_forced_rerun_is_byte_identical(project):
     dvc(project, "repro", "--force")
 
     assert locked_outputs(project) == before
-    # 18 data, plot and report outputs, 2 output folders (figures, models) and 5 metrics files.
-    assert len(before) == 25
+    # 19 data, plot and report outputs, 2 output folders (figures, models) and 5 metrics files.
+    assert len(before) == 26
     assert "plots/embedding.png" in before
     assert "plots/inspect" in before
 
@@ -146,3 +146,27 @@ def test_score_without_models_fails_clearly(tmp_path):
     assert result.returncode == 2
     assert "Run 'dvc repro'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_log_tf_kind_runs_every_stage(project):
+    params = (project / "params.yaml").read_text()
+    changed = params.replace("kind: fft_magnitude", "kind: log_tf").replace(
+        "standardize: false", "standardize: true"
+    )
+    assert changed != params
+    (project / "params.yaml").write_text(changed)
+    try:
+        dvc(project, "repro")
+        index = read_csv(project / "plots/inspect/index.csv")
+
+        assert np.load(project / "data/spectra.npy").shape == (60, 32 * 48)
+        assert np.load(project / "data/errors.npy").shape == (60, 48)
+        assert np.load(project / "data/frequencies.npy").shape == (48,)
+        assert (project / "data/models/scaler.joblib").is_file()
+        assert len(read_csv(project / "plots/error_profiles.csv")) == 10 * 48
+        assert all(row["reconstructed_wav"] == "" for row in index)
+        assert (project / "plots/inspect" / index[0]["original_wav"]).is_file()
+        assert "Anomaly report" in (project / "report/index.html").read_text()
+    finally:
+        (project / "params.yaml").write_text(params)
+        dvc(project, "repro")

@@ -97,7 +97,7 @@ def test_stage_writes_outputs(dataset, in_tmp):
     rows = read_csv(in_tmp / "data" / "recordings.csv")
     metrics = json.loads((in_tmp / "metrics" / "data.json").read_text())
 
-    assert "60 spectra" in summary
+    assert "60 recordings x 3401 fft_magnitude features" in summary
     assert np.load(in_tmp / "data" / "spectra.npy").shape == (60, 3401)
     assert np.load(in_tmp / "data" / "frequencies.npy")[-1] == pytest.approx(3400)
     assert len(rows) == 60

@@ -29,9 +29,11 @@ from scipy.stats import rankdata, spearmanr
 from sklearn.decomposition import PCA
 from sklearn.ensemble import IsolationForest
 from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
 
 from .cli import exit_with, run_stage
 from .errors import PipelineError
+from .features import Layout
 from .outputs import (
     atomic_directory,
     load_npy,
@@ -45,6 +47,8 @@ from .outputs import (
 log = logging.getLogger("audiomnist_anomalies.detect")
 
 SPECTRA_PATH = Path("data/spectra.npy")
+FEATURES_PATH = Path("data/features.json")
+FREQUENCIES_PATH = Path("data/frequencies.npy")
 RECORDINGS_PATH = Path("data/recordings.csv")
 SCORES_PATH = Path("data/scores.csv")
 ERRORS_PATH = Path("data/errors.npy")
@@ -66,6 +70,44 @@ SCORE_COLUMNS = (
 
 
 @dataclass
+class Models:
+    """The fitted detectors, with the feature scaling they were fitted on.
+
+    Attributes
+    ----------
+    isolation_forest : IsolationForest
+    pca : PCA
+    scaler : StandardScaler or None
+        Applied to features before both detectors when ``detect.standardize``.
+    thresholds : dict
+        ``isolation_forest`` and ``reconstruction_error`` flag thresholds.
+    """
+
+    isolation_forest: IsolationForest
+    pca: PCA
+    scaler: StandardScaler | None
+    thresholds: dict[str, float]
+
+    def scaled(self, features: np.ndarray) -> np.ndarray:
+        """Return features in the space the detectors were fitted in."""
+        features = np.asarray(features, dtype=np.float64)
+        return self.scaler.transform(features) if self.scaler is not None else features
+
+    def reconstruct(self, features: np.ndarray) -> np.ndarray:
+        """Return the PCA reconstruction of features, in feature units."""
+        reconstructed = reconstruct(self.pca, self.scaled(features))
+        if self.scaler is not None:
+            reconstructed = self.scaler.inverse_transform(reconstructed)
+        return reconstructed
+
+    def score(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return the Isolation Forest score and the squared error of every feature."""
+        scaled = self.scaled(features)
+        forest_score = -self.isolation_forest.score_samples(scaled)
+        return forest_score, (scaled - reconstruct(self.pca, scaled)) ** 2
+
+
+@dataclass
 class Detection:
     """Scores, flags and fitted models of the detect stage.
 
@@ -76,11 +118,13 @@ class Detection:
     isolation_forest_score, reconstruction_error : np.ndarray [shape=(n,)]
         Anomaly scores; higher is more anomalous.
     errors : np.ndarray [shape=(n, n_frequencies), dtype=float32]
-        Squared PCA reconstruction error per frequency.
+        Squared PCA reconstruction error per frequency, averaged over time
+        frames for features that have them.
     isolation_forest_threshold, reconstruction_threshold : float
         Scores above these are flagged.
     isolation_forest : IsolationForest
     pca : PCA
+    scaler : StandardScaler or None
     """
 
     is_train: np.ndarray
@@ -91,6 +135,20 @@ class Detection:
     reconstruction_threshold: float
     isolation_forest: IsolationForest
     pca: PCA
+    scaler: StandardScaler | None = None
+
+    @property
+    def models(self) -> Models:
+        """The fitted detectors and thresholds, as saved for reuse."""
+        return Models(
+            self.isolation_forest,
+            self.pca,
+            self.scaler,
+            {
+                "isolation_forest": self.isolation_forest_threshold,
+                "reconstruction_error": self.reconstruction_threshold,
+            },
+        )
 
     @property
     def isolation_forest_anomaly(self) -> np.ndarray:
@@ -132,6 +190,8 @@ def detect_anomalies(
     contamination: float,
     pca_components: float | int,
     n_estimators: int,
+    standardize: bool = False,
+    layout: Layout | None = None,
 ) -> Detection:
     """Fit both detectors on the training part and score every recording.
 
@@ -149,6 +209,12 @@ def detect_anomalies(
         Fraction of variance to keep, or number of components.
     n_estimators : int
         Number of Isolation Forest trees.
+    standardize : bool
+        Scale each feature to zero mean and unit variance over the training
+        part before fitting.
+    layout : Layout, optional
+        Column layout of the features; errors of features with time frames
+        are averaged over the frames. Without it every column is a frequency.
 
     Returns
     -------
@@ -178,8 +244,12 @@ def detect_anomalies(
             f"recordings of {n_frequencies} frequencies allow; lower it or give a "
             "variance fraction such as 0.99."
         )
-    train = spectra[is_train].astype(np.float64)
     data = spectra.astype(np.float64)
+    scaler = None
+    if standardize:
+        scaler = StandardScaler().fit(data[is_train])
+        data = scaler.transform(data)
+    train = data[is_train]
 
     forest = IsolationForest(
         n_estimators=n_estimators,
@@ -202,6 +272,8 @@ def detect_anomalies(
         )
     errors = (data - reconstruct(pca, data)) ** 2
     reconstruction_error = errors.mean(axis=1)
+    if layout is not None:
+        errors = layout.per_frequency(errors)
     # NOTE: PCA fits its own training recordings more closely than held-out
     # ones, so a threshold from training errors flags held-out recordings more
     # often (14% against 10% on the 3,000 real recordings of the digit six).
@@ -217,6 +289,7 @@ def detect_anomalies(
         reconstruction_threshold=reconstruction_threshold,
         isolation_forest=forest,
         pca=pca,
+        scaler=scaler,
     )
 
 
@@ -282,6 +355,8 @@ def write_outputs(detection: Detection, recording_ids: list[str]) -> None:
     with atomic_directory(MODELS_DIR) as folder:
         joblib.dump(detection.isolation_forest, folder / "isolation_forest.joblib")
         joblib.dump(detection.pca, folder / "pca.joblib")
+        if detection.scaler is not None:
+            joblib.dump(detection.scaler, folder / "scaler.joblib")
         write_json(
             folder / "thresholds.json",
             {
@@ -294,7 +369,7 @@ def write_outputs(detection: Detection, recording_ids: list[str]) -> None:
     write_json(METRICS_PATH, detect_metrics(detection))
 
 
-def load_models(models_dir: Path = MODELS_DIR) -> tuple[IsolationForest, PCA, dict]:
+def load_models(models_dir: Path = MODELS_DIR) -> Models:
     """Load the models that this pipeline's detect stage saved.
 
     Only load files that the pipeline wrote itself: joblib files are pickles
@@ -304,8 +379,18 @@ def load_models(models_dir: Path = MODELS_DIR) -> tuple[IsolationForest, PCA, di
 
     forest = joblib.load(models_dir / "isolation_forest.joblib")
     pca = joblib.load(models_dir / "pca.joblib")
+    scaler_path = models_dir / "scaler.joblib"
+    scaler = joblib.load(scaler_path) if scaler_path.exists() else None
     thresholds = json.loads((models_dir / "thresholds.json").read_text(encoding="utf-8"))
-    return forest, pca, thresholds
+    return Models(forest, pca, scaler, thresholds)
+
+
+def load_layout(path: Path = FEATURES_PATH, frequencies_path: Path = FREQUENCIES_PATH) -> Layout:
+    """Read the feature layout that the spectra stage wrote."""
+    import json
+
+    description = json.loads(path.read_text(encoding="utf-8"))
+    return Layout(description["kind"], load_npy(frequencies_path), description["n_frames"])
 
 
 def detect(params: dict[str, dict[str, Any]]) -> str:
@@ -325,7 +410,13 @@ def detect(params: dict[str, dict[str, Any]]) -> str:
         settings["test_size"],
         settings["contamination"],
     )
-    detection = detect_anomalies(spectra, **settings)
+    layout = load_layout()
+    if layout.n_features != spectra.shape[1]:
+        raise PipelineError(
+            f"{FEATURES_PATH} describes {layout.n_features} columns but {SPECTRA_PATH} "
+            f"has {spectra.shape[1]}; rerun the spectra stage (dvc repro)"
+        )
+    detection = detect_anomalies(spectra, **settings, layout=layout)
     write_outputs(detection, recording_ids)
     metrics = detect_metrics(detection)
     return (

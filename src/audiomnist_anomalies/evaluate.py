@@ -8,7 +8,8 @@ and measures how well each detector ranks the corrupted recordings above
 the clean ones: ROC AUC, average precision, and precision among the top k
 where k is the number of corrupted recordings, overall and per defect type.
 The combined score is the mean of the two detectors' rank percentiles.
-The main pipeline's outputs are never touched.
+The main pipeline's outputs are never touched, and the features follow
+``spectra.kind`` like the main pipeline's.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 from tqdm import tqdm
 
-from .audio import magnitude_spectrum, preprocess, read_wav, Recording
+from .audio import Recording, preprocess, read_wav, window_length
 from .cli import exit_with, run_stage
 from .defects import DEFECTS, quantize_16_bit
 from .detect import detect_anomalies
 from .errors import AudioInputError, PipelineError
+from .features import compute_features
+from .features import layout as feature_layout
 from .outputs import read_csv, write_csv, write_json
 
 log = logging.getLogger("audiomnist_anomalies.evaluate")
@@ -191,6 +194,11 @@ def sampled_curves(
 def evaluate(params: dict[str, dict[str, Any]]) -> str:
     """Run the evaluate stage with validated parameters; return its summary line."""
     settings = params["evaluate"]
+    if params["spectra"]["kind"] != "fft_magnitude":
+        if params["spectra"]["max_frequency_hz"] > params["spectra"]["sample_rate"] / 2:
+            raise PipelineError(
+                "spectra.max_frequency_hz is above half of spectra.sample_rate; lower it"
+            )
     audio = params["spectra"]
     rows = read_csv(RECORDINGS_PATH)
     recordings = []
@@ -211,18 +219,19 @@ def evaluate(params: dict[str, dict[str, Any]]) -> str:
         len(settings["defects"]),
     )
     corrupted = corrupt(recordings, [row["speaker"] for row in rows], labels, settings)
+    columns = feature_layout(audio, window_length(audio["sample_rate"], audio["duration"]))
     spectra = []
     for index, recording in enumerate(tqdm(corrupted, desc="spectra", unit="file", disable=None)):
         samples = preprocess(recording, audio["sample_rate"], audio["duration"], audio["smoothing_window"])
         try:
-            spectrum, _ = magnitude_spectrum(samples)
+            features, _ = compute_features(samples, audio)
         except AudioInputError:
-            # A defect can silence a recording completely; its spectrum is then
-            # zero, which the detectors can still score.
-            spectrum = np.zeros(samples.shape[0] // 2 + 1)
-        spectra.append(spectrum.astype(np.float32))
+            # A defect can silence a recording completely; its features are then
+            # the lowest value, which the detectors can still score.
+            features = np.full(columns.n_features, audio["floor_db"] if audio["kind"] != "fft_magnitude" else 0.0)
+        spectra.append(features.astype(np.float32))
     matrix = np.vstack(spectra)
-    detection = detect_anomalies(matrix, **params["detect"])
+    detection = detect_anomalies(matrix, **params["detect"], layout=columns)
     scores = {
         "isolation_forest": detection.isolation_forest_score,
         "reconstruction_error": detection.reconstruction_error,

@@ -5,7 +5,8 @@ for the recording nearest to the centre of each cluster, the stage draws
 the original and PCA-reconstructed spectrum, their difference, and the
 original and reconstructed waveform. The reconstructed waveform is the
 inverse FFT of the reconstructed magnitude with the original phase,
-rescaled by the recording's normalization factor. Both waveforms are
+rescaled by the recording's normalization factor; the log-power feature
+kinds cannot be inverted, so for them only the original is written. Both waveforms are
 written as WAV files so that a person can listen to them: figures go to
 ``plots/inspect/figures`` (declared as DVC plots), sound to
 ``plots/inspect/audio``, and ``plots/inspect/index.csv`` lists them all.
@@ -20,9 +21,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .audio import preprocess, read_wav, reconstruct_signal, magnitude_spectrum
+from .audio import preprocess, read_wav, reconstruct_signal
 from .cli import exit_with, run_stage
-from .detect import load_models, reconstruct
+from .detect import load_layout, load_models
+from .features import Layout, compute_features
 from .errors import AudioInputError, PipelineError
 from .outputs import (
     atomic_directory,
@@ -86,36 +88,72 @@ def select_recordings(
 def draw_comparison(
     recording_id: str,
     title: str,
-    frequencies: np.ndarray,
-    spectrum: np.ndarray,
-    reconstructed_spectrum: np.ndarray,
+    layout: Layout,
+    features: np.ndarray,
+    reconstructed_features: np.ndarray,
     samples: np.ndarray,
-    reconstructed_samples: np.ndarray,
+    reconstructed_samples: np.ndarray | None,
     sample_rate: int,
 ):
-    """Draw spectra, their difference and waveforms of one recording."""
+    """Draw the features, their reconstruction, the difference and the waveforms.
+
+    Features with time frames are drawn as images (time x frequency band);
+    others as curves against frequency.
+    """
     from .plotting import plt
 
-    figure, axes = plt.subplots(3, 1, figsize=(9, 9))
-    axes[0].plot(frequencies, spectrum, lw=0.7, label="original")
-    axes[0].plot(frequencies, reconstructed_spectrum, lw=0.7, label="PCA reconstruction")
-    axes[0].set_xlabel("frequency (Hz)")
-    axes[0].set_ylabel("magnitude / maximum")
-    axes[0].legend(fontsize=8)
-    axes[0].set_title(f"{recording_id}: {title}")
-
-    difference = spectrum - reconstructed_spectrum
-    axes[1].plot(frequencies, difference, lw=0.7, color="tab:red")
-    axes[1].axhline(0, color="black", lw=0.5)
-    axes[1].set_xlabel("frequency (Hz)")
-    axes[1].set_ylabel("original - reconstruction")
+    difference = features - reconstructed_features
+    if layout.n_frames > 1:
+        figure, axes = plt.subplots(4, 1, figsize=(9, 12))
+        shape = (layout.n_frames, layout.frequencies.shape[0])
+        extent = (0, samples.shape[0] / sample_rate, 0, shape[1])
+        limit = float(np.max(np.abs(difference))) or 1.0
+        panels = (
+            (features, "original (dB of total power)", "viridis", None),
+            (reconstructed_features, "PCA reconstruction (dB)", "viridis", None),
+            (difference, "original - reconstruction (dB)", "coolwarm", (-limit, limit)),
+        )
+        for axis, (values, label, colours, limits) in zip(axes[:3], panels):
+            image = axis.imshow(
+                values.reshape(shape).T,
+                origin="lower",
+                aspect="auto",
+                extent=extent,
+                cmap=colours,
+                vmin=None if limits is None else limits[0],
+                vmax=None if limits is None else limits[1],
+            )
+            ticks = np.linspace(0, shape[1] - 1, 5).astype(int)
+            axis.set_yticks(ticks + 0.5, [f"{layout.frequencies[tick]:.0f}" for tick in ticks])
+            axis.set_ylabel("band centre (Hz)")
+            figure.colorbar(image, ax=axis, label=label)
+        axes[0].set_title(f"{recording_id}: {title}")
+        wave_axis = axes[3]
+    else:
+        figure, axes = plt.subplots(3, 1, figsize=(9, 9))
+        frequency_label = "frequency (Hz)" if layout.kind == "fft_magnitude" else "band centre (Hz)"
+        value_label = "magnitude / maximum" if layout.kind == "fft_magnitude" else "dB of total power"
+        axes[0].plot(layout.frequencies, features, lw=0.7, label="original")
+        axes[0].plot(layout.frequencies, reconstructed_features, lw=0.7, label="PCA reconstruction")
+        axes[0].set_ylabel(value_label)
+        axes[0].legend(fontsize=8)
+        axes[0].set_title(f"{recording_id}: {title}")
+        axes[1].plot(layout.frequencies, difference, lw=0.7, color="tab:red")
+        axes[1].axhline(0, color="black", lw=0.5)
+        axes[1].set_ylabel("original - reconstruction")
+        for axis in axes[:2]:
+            axis.set_xlabel(frequency_label)
+            if layout.kind != "fft_magnitude":
+                axis.set_xscale("log")
+        wave_axis = axes[2]
 
     time = np.arange(samples.shape[0]) / sample_rate
-    axes[2].plot(time, samples, lw=0.6, label="original (preprocessed)")
-    axes[2].plot(time, reconstructed_samples, lw=0.6, alpha=0.8, label="reconstruction")
-    axes[2].set_xlabel("time (s)")
-    axes[2].set_ylabel("amplitude")
-    axes[2].legend(fontsize=8)
+    wave_axis.plot(time, samples, lw=0.6, label="original (preprocessed)")
+    if reconstructed_samples is not None:
+        wave_axis.plot(time, reconstructed_samples, lw=0.6, alpha=0.8, label="reconstruction")
+    wave_axis.set_xlabel("time (s)")
+    wave_axis.set_ylabel("amplitude")
+    wave_axis.legend(fontsize=8)
     figure.tight_layout()
     return figure
 
@@ -125,7 +163,6 @@ def inspect(params: dict[str, dict[str, Any]]) -> str:
     settings = params["inspect"]
     audio = params["spectra"]
     spectra = load_npy(SPECTRA_PATH)
-    frequencies = load_npy(FREQUENCIES_PATH)
     recordings = read_csv(RECORDINGS_PATH)
     scores = read_csv(SCORES_PATH)
     clusters = read_csv(CLUSTERS_PATH)
@@ -134,7 +171,8 @@ def inspect(params: dict[str, dict[str, Any]]) -> str:
             "recordings, scores, clusters and spectra disagree in length; rerun the "
             "pipeline (dvc repro)"
         )
-    _, pca, _ = load_models(MODELS_DIR)
+    models = load_models(MODELS_DIR)
+    layout = load_layout()
     selected = select_recordings(scores, clusters, settings["top_n"], settings["rank_by"])
     log.info(
         "inspect: %d anomalies by %s and %d typical cluster members",
@@ -157,9 +195,12 @@ def inspect(params: dict[str, dict[str, Any]]) -> str:
             samples = preprocess(
                 decoded, audio["sample_rate"], audio["duration"], audio["smoothing_window"]
             )
-            spectrum, maximum = magnitude_spectrum(samples)
-            reconstructed = reconstruct(pca, spectra[index : index + 1].astype(np.float64))[0]
-            reconstructed_samples = reconstruct_signal(samples, reconstructed, maximum)
+            features, scale = compute_features(samples, audio)
+            reconstructed = models.reconstruct(spectra[index : index + 1])[0]
+            # Only the FFT magnitude keeps enough of the signal to invert it.
+            reconstructed_samples = None
+            if layout.kind == "fft_magnitude":
+                reconstructed_samples = reconstruct_signal(samples, reconstructed, scale)
 
             stem = f"{name}_{recording['recording_id']}"
             title = (
@@ -174,8 +215,8 @@ def inspect(params: dict[str, dict[str, Any]]) -> str:
             figure = draw_comparison(
                 recording["recording_id"],
                 title,
-                frequencies,
-                spectrum,
+                layout,
+                features,
                 reconstructed,
                 samples,
                 reconstructed_samples,
@@ -183,16 +224,21 @@ def inspect(params: dict[str, dict[str, Any]]) -> str:
             )
             save_figure(figure, folder / "figures" / f"{stem}.png")
             # One gain for both files keeps their loudness comparable and audible.
-            peak = max(np.abs(samples).max(), np.abs(reconstructed_samples).max())
+            peak = np.abs(samples).max()
+            if reconstructed_samples is not None:
+                peak = max(peak, np.abs(reconstructed_samples).max())
             gain = LISTENING_PEAK / peak if peak > 0 else 1.0
             write_wav(
                 folder / "audio" / f"{stem}_original.wav", samples * gain, audio["sample_rate"]
             )
-            write_wav(
-                folder / "audio" / f"{stem}_reconstructed.wav",
-                reconstructed_samples * gain,
-                audio["sample_rate"],
-            )
+            reconstructed_name = ""
+            if reconstructed_samples is not None:
+                reconstructed_name = f"audio/{stem}_reconstructed.wav"
+                write_wav(
+                    folder / reconstructed_name,
+                    reconstructed_samples * gain,
+                    audio["sample_rate"],
+                )
             index_rows.append(
                 (
                     name,
@@ -205,7 +251,7 @@ def inspect(params: dict[str, dict[str, Any]]) -> str:
                     clusters[index]["cluster"],
                     f"figures/{stem}.png",
                     f"audio/{stem}_original.wav",
-                    f"audio/{stem}_reconstructed.wav",
+                    reconstructed_name,
                     round(float(gain), 6),
                 )
             )

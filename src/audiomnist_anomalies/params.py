@@ -89,6 +89,10 @@ def _choice(*options: str) -> Callable[[Any], str | None]:
     return check
 
 
+def _boolean(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "true or false"
+
+
 def _source(value: Any) -> str | None:
     if not isinstance(value, str) or not value.strip():
         return (
@@ -192,6 +196,22 @@ SCHEMA: dict[str, dict[str, Spec]] = {
             5,
             "moving-average length in samples (1 turns smoothing off)",
         ),
+        "kind": Spec(
+            str,
+            _choice("fft_magnitude", "log_bands", "log_tf"),
+            "fft_magnitude",
+            "feature kind",
+        ),
+        "n_bands": Spec(int, _int_range(2, 1000), 48, "log-spaced bands of the log kinds"),
+        "n_frames": Spec(int, _int_range(1, 1000), 32, "time frames of log_tf"),
+        "min_frequency_hz": Spec(float, _positive_number, 50.0, "lowest band edge in Hz"),
+        "max_frequency_hz": Spec(
+            float, _positive_number, 3200.0, "highest band edge in Hz, at most half the sample rate"
+        ),
+        "floor_db": Spec(
+            float, _float_open_closed(-200, 0, low_open=False, high_open=True), -100.0,
+            "lowest level in dB relative to the total power",
+        ),
     },
     "detect": {
         "test_size": Spec(
@@ -212,6 +232,9 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         ),
         "n_estimators": Spec(
             int, _int_range(1, 10_000), 100, "Isolation Forest trees"
+        ),
+        "standardize": Spec(
+            bool, _boolean, False, "scale each feature by its training mean and spread"
         ),
     },
     "embed": {
@@ -351,7 +374,8 @@ def validate_params(raw: Any, source: str = "params.yaml") -> dict[str, dict[str
                 )
             value = values[key]
             accepted = (int, float) if spec.kind is float else spec.kind
-            if not isinstance(value, accepted) or isinstance(value, bool):
+            wrong_bool = isinstance(value, bool) != (spec.kind is bool)
+            if not isinstance(value, accepted) or wrong_bool:
                 problem = spec.check(object())
             else:
                 problem = spec.check(value)

@@ -90,6 +90,7 @@ def recording_section(entry: dict[str, str], recording: dict[str, str]) -> str:
         f'<figure><figcaption>{label}</figcaption><audio controls preload="metadata" '
         f'src="{data_uri(INSPECT_DIR / entry[column], "audio/wav")}"></audio></figure>'
         for label, column in (("original", "original_wav"), ("reconstructed", "reconstructed_wav"))
+        if entry[column]
     )
     return (
         f'<section class="recording" id="{html.escape(entry["name"])}">'

@@ -27,11 +27,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .audio import magnitude_spectrum, preprocess, read_wav
+from .audio import preprocess, read_wav
 from .cli import EXIT_USER_ERROR, configure_logging, exit_with
-from .detect import load_models, reconstruct
+from .detect import load_layout, load_models
+from .features import compute_features
 from .errors import AudioInputError, ParameterError, PipelineError
-from .outputs import format_value, load_npy, read_csv, write_csv
+from .outputs import format_value, read_csv, write_csv
 from .params import load_params
 
 log = logging.getLogger("audiomnist_anomalies.score")
@@ -85,8 +86,9 @@ def nearest_cluster(errors: np.ndarray, profiles: np.ndarray) -> int:
 
 def score_files(paths: list[Path], params: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Score each file; unreadable files get ``status`` "rejected" and a reason."""
-    forest, pca, thresholds = load_models(MODELS_DIR)
-    frequencies = load_npy(FREQUENCIES_PATH)
+    models = load_models(MODELS_DIR)
+    layout = load_layout()
+    frequencies = layout.frequencies
     labels, profiles = load_profiles(PROFILES_PATH, frequencies.shape[0])
     names = {
         label: cluster["name"]
@@ -105,19 +107,19 @@ def score_files(paths: list[Path], params: dict[str, dict[str, Any]]) -> list[di
                 settings["duration"],
                 settings["smoothing_window"],
             )
-            spectrum, _ = magnitude_spectrum(samples)
+            features, _ = compute_features(samples, settings)
         except AudioInputError as error:
             row.update(status="rejected", reason=str(error))
             log.warning("score: rejected %s: %s", path, error)
             rows.append(row)
             continue
-        features = spectrum[np.newaxis, :]
-        forest_score = float(-forest.score_samples(features)[0])
-        errors = (features - reconstruct(pca, features))[0] ** 2
-        error = float(errors.mean())
+        forest_scores, feature_errors = models.score(features[np.newaxis, :])
+        forest_score = float(forest_scores[0])
+        error = float(feature_errors.mean())
+        errors = layout.per_frequency(feature_errors)[0]
         label = labels[nearest_cluster(errors, profiles)]
-        forest_flag = forest_score > thresholds["isolation_forest"]
-        pca_flag = error > thresholds["reconstruction_error"]
+        forest_flag = forest_score > models.thresholds["isolation_forest"]
+        pca_flag = error > models.thresholds["reconstruction_error"]
         row.update(
             status="scored",
             reason="",

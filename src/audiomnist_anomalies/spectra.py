@@ -21,9 +21,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .audio import frequency_axis, magnitude_spectrum, preprocess, read_wav, window_length
+from .audio import preprocess, read_wav, window_length
 from .cli import exit_with, run_stage
 from .errors import AudioInputError, PipelineError
+from .features import Layout, compute_features
+from .features import layout as feature_layout
 from .metadata import COLUMNS as METADATA_COLUMNS
 from .metadata import METADATA_FILE, empty_speaker, read_metadata
 from .outputs import write_csv, write_json, write_npy
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 RAW_DIR = Path("data/raw")
 SPECTRA_PATH = Path("data/spectra.npy")
 FREQUENCIES_PATH = Path("data/frequencies.npy")
+FEATURES_PATH = Path("data/features.json")
 RECORDINGS_PATH = Path("data/recordings.csv")
 REJECTED_PATH = Path("data/rejected.csv")
 DATA_METRICS_PATH = Path("metrics/data.json")
@@ -66,12 +69,15 @@ class SpectraResult:
         One row per spectrum, in the same order, with ``RECORDING_COLUMNS``.
     rejected : list of (str, str)
         Path and reason of every file that was not used.
+    layout : Layout
+        Feature kind and how columns map to frequencies and time frames.
     """
 
     spectra: np.ndarray
     frequencies: np.ndarray
     recordings: list[dict[str, Any]]
     rejected: list[tuple[str, str]] = field(default_factory=list)
+    layout: Layout | None = None
 
 
 def recording_files(raw_dir: Path) -> list[Path]:
@@ -102,8 +108,9 @@ def compute_spectra(
     sample_rate: int,
     duration: float,
     smoothing_window: int,
+    feature_settings: dict[str, Any] | None = None,
 ) -> SpectraResult:
-    """Compute the spectrum of every usable recording below ``raw_dir``.
+    """Compute the features of every usable recording below ``raw_dir``.
 
     Parameters
     ----------
@@ -118,11 +125,20 @@ def compute_spectra(
         Analysis window in seconds.
     smoothing_window : int
         Moving-average length in samples.
+    feature_settings : dict, optional
+        The ``spectra`` section of ``params.yaml``, which selects the feature
+        kind; without it the features are the normalized FFT magnitude.
 
     Returns
     -------
     SpectraResult
     """
+    feature_settings = dict(
+        feature_settings or {"kind": "fft_magnitude"},
+        sample_rate=sample_rate,
+        duration=duration,
+        smoothing_window=smoothing_window,
+    )
     metadata = read_metadata(raw_dir / METADATA_FILE)
     length = window_length(sample_rate, duration)
     rows: list[dict[str, Any]] = []
@@ -155,7 +171,7 @@ def compute_spectra(
         try:
             recording = read_wav(path)
             samples = preprocess(recording, sample_rate, duration, smoothing_window)
-            spectrum, maximum = magnitude_spectrum(samples)
+            spectrum, maximum = compute_features(samples, feature_settings)
         except AudioInputError as error:
             rejected.append((relative, str(error)))
             continue
@@ -195,11 +211,11 @@ def compute_spectra(
         log.warning("spectra: speaker %s has no metadata entry; metadata left empty", speaker)
     for relative, reason in rejected:
         log.warning("spectra: rejected %s: %s", relative, reason)
-    n_frequencies = length // 2 + 1
+    columns = feature_layout(feature_settings, length)
     matrix = (
-        np.vstack(spectra) if spectra else np.zeros((0, n_frequencies), dtype=np.float32)
+        np.vstack(spectra) if spectra else np.zeros((0, columns.n_features), dtype=np.float32)
     )
-    return SpectraResult(matrix, frequency_axis(sample_rate, duration), rows, rejected)
+    return SpectraResult(matrix, columns.frequencies, rows, rejected, columns)
 
 
 def data_metrics(result: SpectraResult) -> dict[str, Any]:
@@ -239,6 +255,7 @@ def write_outputs(result: SpectraResult) -> None:
     """Write the spectra stage outputs atomically."""
     write_npy(SPECTRA_PATH, result.spectra)
     write_npy(FREQUENCIES_PATH, result.frequencies)
+    write_json(FEATURES_PATH, result.layout.to_json())
     write_csv(
         RECORDINGS_PATH,
         RECORDING_COLUMNS,
@@ -258,11 +275,30 @@ def spectra(params: dict[str, dict[str, Any]]) -> str:
             f"longer than the analysis window ({length} samples = spectra.duration x "
             "spectra.sample_rate); lower it or lengthen spectra.duration."
         )
+    if settings["kind"] != "fft_magnitude":
+        nyquist = settings["sample_rate"] / 2
+        if settings["max_frequency_hz"] > nyquist:
+            raise PipelineError(
+                f"spectra.max_frequency_hz ({settings['max_frequency_hz']:g} Hz) is above "
+                f"half of spectra.sample_rate ({nyquist:g} Hz); lower it or raise the "
+                "sample rate."
+            )
+        if settings["min_frequency_hz"] >= settings["max_frequency_hz"]:
+            raise PipelineError(
+                "spectra.min_frequency_hz must be below spectra.max_frequency_hz, got "
+                f"{settings['min_frequency_hz']:g} and {settings['max_frequency_hz']:g} Hz."
+            )
+        if settings["kind"] == "log_tf" and 2 * settings["n_frames"] > length:
+            raise PipelineError(
+                f"spectra.n_frames = {settings['n_frames']} leaves frames shorter than "
+                f"2 samples in a window of {length} samples; lower it."
+            )
     if not RAW_DIR.is_dir():
         raise PipelineError(f"{RAW_DIR} not found; run the fetch stage first (dvc repro)")
     log.info(
-        "spectra: reading %s at %d Hz, %.3f s window, smoothing %d",
+        "spectra: reading %s, %s features at %d Hz, %.3f s window, smoothing %d",
         RAW_DIR,
+        settings["kind"],
         settings["sample_rate"],
         settings["duration"],
         settings["smoothing_window"],
@@ -273,6 +309,7 @@ def spectra(params: dict[str, dict[str, Any]]) -> str:
         settings["sample_rate"],
         settings["duration"],
         settings["smoothing_window"],
+        settings,
     )
     if not result.recordings:
         raise PipelineError(
@@ -281,7 +318,8 @@ def spectra(params: dict[str, dict[str, Any]]) -> str:
         )
     write_outputs(result)
     return (
-        f"{len(result.recordings)} spectra x {result.spectra.shape[1]} frequencies, "
+        f"{len(result.recordings)} recordings x {result.spectra.shape[1]} {settings['kind']} "
+        "features, "
         f"{len(result.rejected)} files rejected (see {REJECTED_PATH})"
     )
 
@@ -290,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point of the spectra stage."""
     return run_stage(
         "spectra",
-        "Compute the normalized FFT magnitude spectrum of every recording in data/raw.",
+        "Compute the features (by default the normalized FFT magnitude spectrum) of "
+        "every recording in data/raw.",
         lambda params, options: spectra(params),
         argv,
     )

@@ -1,0 +1,162 @@
+"""Feature kinds computed from a preprocessed signal.
+
+``spectra.kind`` selects one:
+
+- ``fft_magnitude``: magnitude of the real FFT of the whole window divided by
+  its maximum, one column per FFT frequency. This is the original analysis.
+- ``log_bands``: power of the whole window pooled into ``spectra.n_bands``
+  log-spaced bands between ``spectra.min_frequency_hz`` and
+  ``spectra.max_frequency_hz`` (mean power of the FFT bins in each band), in
+  dB relative to the sum of the band powers and floored at ``spectra.floor_db``.
+- ``log_tf``: the same bands for each of ``spectra.n_frames`` Hann-windowed
+  frames (half-overlapping, frame length twice the hop), in dB relative to the
+  sum over all bands and frames, so that the features see time order.
+
+Dividing by the summed power instead of the maximum keeps one strong peak
+(hum, DC offset) from shrinking the rest of the representation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .audio import magnitude_spectrum
+from .errors import AudioInputError
+
+KINDS = ("fft_magnitude", "log_bands", "log_tf")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How feature columns map to frequencies.
+
+    Attributes
+    ----------
+    kind : str
+        One of ``KINDS``.
+    frequencies : np.ndarray [shape=(n_frequencies,)]
+        Frequency in Hz of each column (FFT bin or band centre).
+    n_frames : int
+        Time frames; columns are frame-major, ``n_frames * n_frequencies`` in all.
+    """
+
+    kind: str
+    frequencies: np.ndarray
+    n_frames: int
+
+    @property
+    def n_features(self) -> int:
+        """Number of feature columns."""
+        return self.n_frames * self.frequencies.shape[0]
+
+    def per_frequency(self, values: np.ndarray) -> np.ndarray:
+        """Average feature-wise values over frames: (n, n_features) -> (n, n_frequencies)."""
+        if self.n_frames == 1:
+            return values
+        return values.reshape(values.shape[0], self.n_frames, -1).mean(axis=1)
+
+    def to_json(self) -> dict[str, Any]:
+        """Describe the layout for ``data/features.json``."""
+        return {
+            "kind": self.kind,
+            "n_frames": self.n_frames,
+            "n_frequencies": int(self.frequencies.shape[0]),
+        }
+
+
+def band_edges(settings: dict[str, Any]) -> np.ndarray:
+    """Return the ``n_bands + 1`` log-spaced band edges in Hz."""
+    return np.geomspace(
+        settings["min_frequency_hz"], settings["max_frequency_hz"], settings["n_bands"] + 1
+    )
+
+
+def layout(settings: dict[str, Any], length: int) -> Layout:
+    """Return the column layout of the features of a window of ``length`` samples."""
+    kind = settings["kind"]
+    if kind == "fft_magnitude":
+        frequencies = np.fft.rfftfreq(length, d=1.0 / settings["sample_rate"])
+        return Layout(kind, frequencies, 1)
+    edges = band_edges(settings)
+    centres = np.sqrt(edges[:-1] * edges[1:])
+    return Layout(kind, centres, settings["n_frames"] if kind == "log_tf" else 1)
+
+
+def _pool_bands(power: np.ndarray, bin_frequencies: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Average power over the FFT bins in each band (last axis).
+
+    A band narrower than the bin spacing takes the bin nearest to its centre.
+    """
+    centres = np.sqrt(edges[:-1] * edges[1:])
+    band = np.searchsorted(edges, bin_frequencies, side="right") - 1
+    pooled = np.empty(power.shape[:-1] + (centres.shape[0],))
+    for index, centre in enumerate(centres):
+        inside = band == index
+        if inside.any():
+            pooled[..., index] = power[..., inside].mean(axis=-1)
+        else:
+            pooled[..., index] = power[..., int(np.argmin(np.abs(bin_frequencies - centre)))]
+    return pooled
+
+
+def _decibels_of_total(power: np.ndarray, floor_db: float) -> tuple[np.ndarray, float]:
+    total = float(power.sum())
+    if not total > 0:
+        raise AudioInputError("silent recording (all samples are zero)")
+    return 10 * np.log10(power / total + 10 ** (floor_db / 10)), total
+
+
+def frames(samples: np.ndarray, n_frames: int) -> np.ndarray:
+    """Cut a signal into ``n_frames`` Hann-windowed frames of twice the hop length.
+
+    Frame k is centred on sample ``(k + 0.5) * hop``; the signal is padded with
+    zeros where a frame reaches past either end.
+    """
+    hop = samples.shape[0] // n_frames
+    length = 2 * hop
+    padded = np.pad(samples, (hop // 2, length))
+    starts = np.arange(n_frames) * hop
+    windows = np.lib.stride_tricks.sliding_window_view(padded, length)[starts]
+    return windows * np.hanning(length)
+
+
+def compute_features(samples: np.ndarray, settings: dict[str, Any]) -> tuple[np.ndarray, float]:
+    """Compute the features of one preprocessed signal.
+
+    Parameters
+    ----------
+    samples : np.ndarray [shape=(n,)]
+        Output of `audio.preprocess`.
+    settings : dict
+        The validated ``spectra`` section of ``params.yaml``.
+
+    Returns
+    -------
+    features : np.ndarray [shape=(n_features,), dtype=float64]
+    scale : float
+        The normalization factor: the maximum FFT magnitude for
+        ``fft_magnitude``, the summed band power for the log kinds.
+
+    Raises
+    ------
+    AudioInputError
+        If the signal is silent.
+    """
+    kind = settings["kind"]
+    if kind == "fft_magnitude":
+        return magnitude_spectrum(samples)
+    sample_rate = settings["sample_rate"]
+    edges = band_edges(settings)
+    if kind == "log_bands":
+        power = np.abs(np.fft.rfft(samples)) ** 2
+        bins = np.fft.rfftfreq(samples.shape[0], d=1.0 / sample_rate)
+        decibels, total = _decibels_of_total(_pool_bands(power, bins, edges), settings["floor_db"])
+        return decibels, total
+    windows = frames(samples, settings["n_frames"])
+    power = np.abs(np.fft.rfft(windows, axis=1)) ** 2
+    bins = np.fft.rfftfreq(windows.shape[1], d=1.0 / sample_rate)
+    decibels, total = _decibels_of_total(_pool_bands(power, bins, edges), settings["floor_db"])
+    return decibels.ravel(), total
