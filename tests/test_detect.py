@@ -133,3 +133,44 @@ def test_stage_outputs_and_saved_models(dataset, in_tmp):
     assert models.thresholds["isolation_forest"] == pytest.approx(
         metrics["isolation_forest_threshold"], abs=1e-6
     )
+
+
+def test_autoencoder_finds_noise_and_repeats(generated_spectra):
+    matrix, ids = generated_spectra
+    settings = dict(
+        SETTINGS,
+        standardize=True,
+        reconstruction="autoencoder",
+        autoencoder_layers=[64, 8, 64],
+        autoencoder_epochs=300,
+    )
+    first = detect_anomalies(matrix, **settings)
+    second = detect_anomalies(matrix, **settings)
+    metrics = detect_metrics(first)
+
+    assert anomaly_rank(first.reconstruction_error)[ids.index("6_02_1")] == 1
+    assert np.array_equal(first.reconstruction_error, second.reconstruction_error)
+    assert metrics["reconstruction"] == "autoencoder"
+    assert metrics["autoencoder_layers"] == [64, 8, 64]
+    assert "pca_components" not in metrics
+
+
+def test_standardized_models_score_like_detection(generated_spectra):
+    matrix, _ = generated_spectra
+    detection = detect_anomalies(matrix, **dict(SETTINGS, standardize=True))
+    forest_score, errors = detection.models.score(matrix)
+
+    assert np.allclose(forest_score, detection.isolation_forest_score)
+    assert np.allclose(errors.mean(axis=1), detection.reconstruction_error)
+    rescaled = detection.scaler.transform(detection.models.reconstruct(matrix))
+    assert np.allclose(
+        ((detection.models.scaled(matrix) - rescaled) ** 2).mean(axis=1),
+        detection.reconstruction_error,
+    )
+
+
+def test_autoencoder_needs_standardized_features(generated_spectra):
+    matrix, _ = generated_spectra
+
+    with pytest.raises(PipelineError, match="detect.standardize: true"):
+        detect_anomalies(matrix, **dict(SETTINGS, reconstruction="autoencoder"))

@@ -31,7 +31,7 @@ KINDS = ("fft_magnitude", "log_bands", "log_tf")
 
 @dataclass(frozen=True)
 class Layout:
-    """How feature columns map to frequencies.
+    """Mapping of feature columns to frequencies and time frames.
 
     Attributes
     ----------

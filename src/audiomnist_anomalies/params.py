@@ -89,6 +89,16 @@ def _choice(*options: str) -> Callable[[Any], str | None]:
     return check
 
 
+def _layers(value: Any) -> str | None:
+    text = "a non-empty list of layer widths, whole numbers from 1 to 100000"
+    if not isinstance(value, list) or not value:
+        return text
+    for width in value:
+        if not isinstance(width, int) or isinstance(width, bool) or not 1 <= width <= 100_000:
+            return text
+    return None
+
+
 def _boolean(value: Any) -> str | None:
     return None if isinstance(value, bool) else "true or false"
 
@@ -235,6 +245,15 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         ),
         "standardize": Spec(
             bool, _boolean, False, "scale each feature by its training mean and spread"
+        ),
+        "reconstruction": Spec(
+            str, _choice("pca", "autoencoder"), "pca", "reconstruction model"
+        ),
+        "autoencoder_layers": Spec(
+            list, _layers, [256, 32, 256], "hidden layer widths of the autoencoder"
+        ),
+        "autoencoder_epochs": Spec(
+            int, _int_range(1, 10_000), 200, "maximum training epochs of the autoencoder"
         ),
     },
     "embed": {
