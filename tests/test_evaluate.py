@@ -28,6 +28,8 @@ from audiomnist_anomalies.evaluate import (
     detection_quality,
     evaluate_scores,
     precision_at_k,
+    purity,
+    type_recovery,
     rank_average,
     sampled_curves,
 )
@@ -168,3 +170,28 @@ def test_sampled_curves_shape_and_ends():
     assert roc[-1] == [1.0, 1.0]
     assert pr[0] == [0.0, 1.0]
     assert pr[-1] == [1.0, 1.0]
+
+
+def test_purity_of_hand_made_clusters():
+    truth = ["hum", "hum", "noise", "noise", "noise", "speed"]
+
+    assert purity(truth, np.array([0, 0, 1, 1, 0, 2])) == pytest.approx(5 / 6)
+    assert purity(truth, np.array([0, 0, 1, 1, 1, 2])) == 1.0
+
+
+def test_type_recovery_separates_distinct_profiles():
+    rng = np.random.default_rng(8)
+    errors = rng.uniform(0.9, 1.1, size=(120, 40)) * 1e-4
+    labels = [CLEAN] * 120
+    for index in range(0, 10):
+        labels[index] = "hum"
+        errors[index, :4] *= 50
+    for index in range(10, 20):
+        labels[index] = "noise"
+        errors[index, 30:] *= 50
+    settings = validate_params(default_params())["cluster"]
+    # k-means splits the large clean group first, so 6 clusters leave one per defect type.
+    result = type_recovery(errors, labels, dict(settings, n_clusters=6))
+
+    assert result["purity"] == 1.0
+    assert result["adjusted_rand_index"] == 1.0

@@ -14,15 +14,20 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import joblib
 import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
 from sklearn.metrics import silhouette_score
 
 from .cli import exit_with, run_stage
 from .errors import PipelineError
 from .mapping import pacmap_embedding
-from .outputs import load_npy, read_csv, save_figure, write_csv, write_json
+from .outputs import atomic_path, load_npy, read_csv, save_figure, write_csv, write_json
 
 log = logging.getLogger("audiomnist_anomalies.cluster")
 
@@ -34,6 +39,9 @@ PROFILES_PATH = Path("plots/error_profiles.csv")
 MAP_FIGURE_PATH = Path("plots/error_map.png")
 PROFILES_FIGURE_PATH = Path("plots/error_profiles.png")
 METRICS_PATH = Path("metrics/cluster.json")
+CLASSIFIER_PATH = Path("data/cluster_classifier.joblib")
+CV_FOLDS = 5
+ERROR_FLOOR = 1e-12
 # Width of the moving average applied before dividing profiles, in Hz.
 RATIO_SMOOTHING_HZ = 25.0
 
@@ -97,6 +105,44 @@ def nearest_profile_agreement(
         )
         hits += int((distances.argmin(axis=1) == labels[start : start + batch]).sum())
     return round(hits / errors.shape[0], 4)
+
+
+def fit_classifier(
+    errors: np.ndarray, labels: np.ndarray, random_state: int
+) -> tuple[Pipeline, float | None]:
+    """Train a classifier that assigns a cluster to any per-frequency error profile.
+
+    It is a logistic regression on standardized log10 errors, so that new
+    recordings get a cluster without rerunning PaCMAP and k-means.
+
+    Returns
+    -------
+    classifier : Pipeline
+        Fitted on all recordings.
+    accuracy : float or None
+        Mean accuracy of 5-fold stratified cross-validation, or None when a
+        cluster has fewer than 5 members.
+    """
+    features = log_errors(errors)
+    classifier = make_pipeline(
+        StandardScaler(), LogisticRegression(max_iter=2000, random_state=random_state)
+    )
+    accuracy = None
+    counts = np.bincount(labels)
+    if len(counts[counts > 0]) > 1 and counts[counts > 0].min() >= CV_FOLDS:
+        folds = StratifiedKFold(n_splits=CV_FOLDS, shuffle=True, random_state=random_state)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            accuracy = round(float(cross_val_score(classifier, features, labels, cv=folds).mean()), 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        classifier.fit(features, labels)
+    return classifier, accuracy
+
+
+def log_errors(errors: np.ndarray) -> np.ndarray:
+    """Return log10 of squared errors, floored so that zeros stay finite."""
+    return np.log10(np.maximum(np.asarray(errors, dtype=np.float64), ERROR_FLOOR))
 
 
 def frequency_bands(edges_hz: list[float], nyquist_hz: float) -> list[tuple[float, float]]:
@@ -295,6 +341,7 @@ def cluster(params: dict[str, dict[str, Any]]) -> str:
     ]
     sizes = np.bincount(labels, minlength=n_clusters)
     agreement = nearest_profile_agreement(errors, labels, profiles)
+    classifier, accuracy = fit_classifier(errors, labels, settings["random_state"])
     silhouette = None
     if 2 <= n_clusters < n_recordings and len(np.unique(labels)) > 1:
         silhouette = round(float(silhouette_score(embedding, labels)), 6)
@@ -326,6 +373,8 @@ def cluster(params: dict[str, dict[str, Any]]) -> str:
         draw_map(embedding, labels, names, f"Map of reconstruction errors ({method}), k-means"),
         MAP_FIGURE_PATH,
     )
+    with atomic_path(CLASSIFIER_PATH) as temporary:
+        joblib.dump(classifier, temporary)
     save_figure(draw_profiles(profiles, reference, frequencies, names), PROFILES_FIGURE_PATH)
     write_json(
         METRICS_PATH,
@@ -334,6 +383,7 @@ def cluster(params: dict[str, dict[str, Any]]) -> str:
             "method": method,
             "silhouette": silhouette,
             "nearest_profile_agreement": agreement,
+            "classifier_cv_accuracy": accuracy,
             "sizes": {str(label): int(size) for label, size in enumerate(sizes)},
             "clusters": {
                 str(label): dict(description, name=names[label], size=int(sizes[label]))
@@ -343,7 +393,7 @@ def cluster(params: dict[str, dict[str, Any]]) -> str:
     )
     return (
         f"{n_clusters} clusters of sizes {', '.join(str(int(size)) for size in sizes)}; "
-        f"silhouette {silhouette}"
+        f"silhouette {silhouette}; classifier cross-validated accuracy {accuracy}"
     )
 
 

@@ -20,7 +20,13 @@ from typing import Any
 
 import numpy as np
 from scipy.stats import rankdata
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.metrics import (
+    adjusted_rand_score,
+    average_precision_score,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
 from tqdm import tqdm
 
 from .audio import Recording, preprocess, read_wav, window_length
@@ -165,6 +171,58 @@ def evaluate_scores(labels: list[str], scores: dict[str, np.ndarray]) -> dict[st
     return result
 
 
+def purity(truth: list[str], clusters: np.ndarray) -> float:
+    """Share of recordings whose cluster's most common true label is their own."""
+    total = 0
+    for label in np.unique(clusters):
+        members = [truth[i] for i in np.flatnonzero(clusters == label)]
+        total += max(members.count(name) for name in set(members))
+    return total / len(truth)
+
+
+def type_recovery(
+    errors: np.ndarray, labels: list[str], settings: dict[str, Any]
+) -> dict[str, Any]:
+    """Measure how well the error-profile clusters separate the planted defect types.
+
+    The per-frequency errors are mapped and clustered exactly as the cluster
+    stage does. Among the corrupted recordings, the adjusted Rand index and
+    the purity compare the clusters with the true defect types; each cluster
+    is also listed with the defect types of its corrupted members.
+    """
+    from .cluster import cluster_map
+    from .mapping import pacmap_embedding
+
+    n_clusters = min(settings["n_clusters"], errors.shape[0])
+    embedding, _ = pacmap_embedding(
+        errors,
+        n_neighbors=settings["n_neighbors"],
+        mn_ratio=settings["mn_ratio"],
+        fp_ratio=settings["fp_ratio"],
+        random_state=settings["random_state"],
+        parameter_prefix="cluster",
+    )
+    clusters, _ = cluster_map(embedding, n_clusters, settings["random_state"])
+    corrupted = [index for index, label in enumerate(labels) if label != CLEAN]
+    truth = [labels[index] for index in corrupted]
+    found = clusters[corrupted]
+    members = {
+        str(label): dict(
+            sorted(
+                (name, int(sum(1 for i in corrupted if clusters[i] == label and labels[i] == name)))
+                for name in set(truth)
+                if any(clusters[i] == label and labels[i] == name for i in corrupted)
+            )
+        )
+        for label in range(n_clusters)
+    }
+    return {
+        "adjusted_rand_index": round(float(adjusted_rand_score(truth, found)), 4),
+        "purity": round(purity(truth, found), 4),
+        "defects_by_cluster": members,
+    }
+
+
 def sampled_curves(
     is_anomaly: np.ndarray, scores: dict[str, np.ndarray]
 ) -> tuple[list[list[float]], list[list[float]]]:
@@ -239,6 +297,7 @@ def evaluate(params: dict[str, dict[str, Any]]) -> str:
     scores["combined"] = rank_average(*scores.values())
     quality = evaluate_scores(labels, scores)
     is_anomaly = np.array(labels) != CLEAN
+    types = type_recovery(detection.errors, labels, params["cluster"])
     roc_rows, pr_rows = sampled_curves(is_anomaly, scores)
 
     write_csv(
@@ -265,9 +324,15 @@ def evaluate(params: dict[str, dict[str, Any]]) -> str:
                 defect: labels.count(defect) for defect in sorted(set(labels) - {CLEAN})
             },
             "detectors": quality,
+            "types": types,
         },
     )
     best = max(DETECTORS, key=lambda name: quality[name]["overall"]["roc_auc"])
+    log.info(
+        "evaluate: defect types in the error clusters: adjusted Rand index %.3f, purity %.3f",
+        types["adjusted_rand_index"],
+        types["purity"],
+    )
     return (
         "ROC AUC overall: "
         + ", ".join(f"{name} {quality[name]['overall']['roc_auc']:.3f}" for name in DETECTORS)

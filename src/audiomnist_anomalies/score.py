@@ -2,10 +2,10 @@
 
 For each WAV file this command computes the spectrum exactly as the spectra
 stage does and scores it with the saved Isolation Forest and PCA. The saved
-thresholds set its flags. It is assigned to the cluster whose mean
-reconstruction-error profile is nearest in Euclidean distance. The cluster
-stage reports in ``metrics/cluster.json`` how often this rule gives the
-pipeline's own recordings their k-means cluster. A file that cannot be read gets a row with the reason instead
+thresholds set its flags. The classifier that the cluster stage trained on
+its clusters assigns it a cluster from its per-frequency error profile
+(``classifier_cv_accuracy`` in ``metrics/cluster.json`` says how often it
+is right); without that file, the cluster with the nearest mean profile. A file that cannot be read gets a row with the reason instead
 of stopping the batch.
 
 Run it from the project root after ``dvc repro``::
@@ -24,11 +24,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import joblib
 import numpy as np
 from tqdm import tqdm
 
 from .audio import preprocess, read_wav
 from .cli import EXIT_USER_ERROR, configure_logging, exit_with
+from .cluster import log_errors
 from .detect import load_layout, load_models
 from .features import compute_features
 from .errors import AudioInputError, ParameterError, PipelineError
@@ -39,6 +41,7 @@ log = logging.getLogger("audiomnist_anomalies.score")
 
 MODELS_DIR = Path("data/models")
 PROFILES_PATH = Path("plots/error_profiles.csv")
+CLASSIFIER_PATH = Path("data/cluster_classifier.joblib")
 CLUSTER_METRICS_PATH = Path("metrics/cluster.json")
 FREQUENCIES_PATH = Path("data/frequencies.npy")
 COLUMNS = (
@@ -94,6 +97,7 @@ def score_files(paths: list[Path], params: dict[str, dict[str, Any]]) -> list[di
         label: cluster["name"]
         for label, cluster in json.loads(CLUSTER_METRICS_PATH.read_text())["clusters"].items()
     }
+    classifier = joblib.load(CLASSIFIER_PATH) if CLASSIFIER_PATH.exists() else None
     settings = params["spectra"]
     rows = []
     for path in tqdm(paths, desc="score", unit="file", disable=None):
@@ -117,7 +121,10 @@ def score_files(paths: list[Path], params: dict[str, dict[str, Any]]) -> list[di
         forest_score = float(forest_scores[0])
         error = float(feature_errors.mean())
         errors = layout.per_frequency(feature_errors)[0]
-        label = labels[nearest_cluster(errors, profiles)]
+        if classifier is not None:
+            label = str(int(classifier.predict(log_errors(errors[np.newaxis, :]))[0]))
+        else:
+            label = labels[nearest_cluster(errors, profiles)]
         forest_flag = forest_score > models.thresholds["isolation_forest"]
         pca_flag = error > models.thresholds["reconstruction_error"]
         row.update(
