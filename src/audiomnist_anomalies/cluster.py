@@ -17,6 +17,7 @@ from typing import Any
 import joblib
 import numpy as np
 from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -41,7 +42,7 @@ PROFILES_FIGURE_PATH = Path("plots/error_profiles.png")
 METRICS_PATH = Path("metrics/cluster.json")
 CLASSIFIER_PATH = Path("data/cluster_classifier.joblib")
 CV_FOLDS = 5
-ERROR_FLOOR = 1e-12
+CLASSIFIER_COMPONENTS = 100
 # Width of the moving average applied before dividing profiles, in Hz.
 RATIO_SMOOTHING_HZ = 25.0
 
@@ -112,8 +113,9 @@ def fit_classifier(
 ) -> tuple[Pipeline, float | None]:
     """Train a classifier that assigns a cluster to any per-frequency error profile.
 
-    It is a logistic regression on standardized log10 errors, so that new
-    recordings get a cluster without rerunning PaCMAP and k-means.
+    It is a logistic regression on the first principal components of the
+    errors, standardized, so that new recordings get a cluster without
+    rerunning PaCMAP and k-means.
 
     Returns
     -------
@@ -123,9 +125,13 @@ def fit_classifier(
         Mean accuracy of 5-fold stratified cross-validation, or None when a
         cluster has fewer than 5 members.
     """
-    features = log_errors(errors)
+    features = np.asarray(errors, dtype=np.float64)
+    # PCA keeps the fit fast and stable; each cross-validation fold trains on 4/5.
+    components = max(1, min(CLASSIFIER_COMPONENTS, features.shape[1], len(labels) * 4 // 5 - 1))
     classifier = make_pipeline(
-        StandardScaler(), LogisticRegression(max_iter=2000, random_state=random_state)
+        PCA(n_components=components, random_state=random_state),
+        StandardScaler(),
+        LogisticRegression(max_iter=2000, random_state=random_state),
     )
     accuracy = None
     counts = np.bincount(labels)
@@ -138,11 +144,6 @@ def fit_classifier(
         warnings.simplefilter("ignore", ConvergenceWarning)
         classifier.fit(features, labels)
     return classifier, accuracy
-
-
-def log_errors(errors: np.ndarray) -> np.ndarray:
-    """Return log10 of squared errors, floored so that zeros stay finite."""
-    return np.log10(np.maximum(np.asarray(errors, dtype=np.float64), ERROR_FLOOR))
 
 
 def frequency_bands(edges_hz: list[float], nyquist_hz: float) -> list[tuple[float, float]]:

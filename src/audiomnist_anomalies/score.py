@@ -30,7 +30,6 @@ from tqdm import tqdm
 
 from .audio import preprocess, read_wav
 from .cli import EXIT_USER_ERROR, configure_logging, exit_with
-from .cluster import log_errors
 from .detect import load_layout, load_models
 from .features import compute_features
 from .errors import AudioInputError, ParameterError, PipelineError
@@ -122,7 +121,7 @@ def score_files(paths: list[Path], params: dict[str, dict[str, Any]]) -> list[di
         error = float(feature_errors.mean())
         errors = layout.per_frequency(feature_errors)[0]
         if classifier is not None:
-            label = str(int(classifier.predict(log_errors(errors[np.newaxis, :]))[0]))
+            label = str(int(classifier.predict(errors[np.newaxis, :].astype(np.float64))[0]))
         else:
             label = labels[nearest_cluster(errors, profiles)]
         forest_flag = forest_score > models.thresholds["isolation_forest"]
