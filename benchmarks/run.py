@@ -1,0 +1,168 @@
+"""Benchmark the pipeline on a local copy of the recordings.
+
+Usage (from the project root, after ``pip install -r benchmarks/requirements.txt``)::
+
+    python benchmarks/run.py --data /path/to/AudioMNIST/data --runs 5
+
+For every stage and for the whole ``dvc repro --force`` the script reports
+wall time (median, minimum and maximum of ``--runs`` runs), CPU time (user
+plus system, the process and its children) and peak resident memory, once
+with a cold cache (an empty Numba cache directory, so PaCMAP compiles its
+kernels) and then warm. It also times the per-file loop that analyses like
+this are usually written with (``librosa.load`` at 6,800 Hz, padding to 1 s,
+a moving average of 5 and ``numpy.fft``) and checks that both produce the
+same features. It prints Markdown tables on standard output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("fetch", "spectra", "detect", "embed", "cluster", "inspect", "evaluate", "report")
+BIN = Path(sys.executable).parent
+
+
+def measure(command: list[str], cwd: Path, environment: dict[str, str]) -> tuple[float, float, float]:
+    """Run a command; return wall seconds, CPU seconds and peak memory in MB."""
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        command, cwd=cwd, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{process.stderr.read().decode()[-2000:]}")
+    # ru_maxrss is in kilobytes on Linux and covers the largest waited-for descendant.
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+
+
+def make_project(folder: Path, data: Path) -> None:
+    """Copy the project files into ``folder`` with ``data.source`` set, and commit."""
+    import yaml
+
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, folder / name)
+    shutil.copytree(ROOT / "src", folder / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(ROOT / ".dvc", folder / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    params["data"]["source"] = str(data)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    identity = ["-c", "user.email=bench@localhost", "-c", "user.name=bench"]
+    for arguments in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "benchmark copy"]):
+        subprocess.run(["git", *identity, *arguments], cwd=folder, check=True)
+
+
+def baseline_features(paths: list[Path]) -> np.ndarray:
+    """The usual per-file loop: librosa.load, pad to 1 s, moving average, FFT."""
+    import librosa
+
+    rows = []
+    for path in paths:
+        samples, _ = librosa.load(path, sr=6800)
+        samples = np.pad(samples, (0, max(0, 6800 - samples.size)))[:6800]
+        samples = np.convolve(samples, np.ones(5) / 5, mode="same")
+        magnitude = np.abs(np.fft.rfft(samples))
+        rows.append(magnitude / magnitude.max())
+    return np.vstack(rows)
+
+
+def summary(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="local copy of the upstream data/ folder")
+    parser.add_argument("--runs", type=int, default=5, help="warm runs per measurement (default 5)")
+    options = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="audiomnist-benchmark-"))
+    project = work / "project"
+    project.mkdir()
+    make_project(project, options.data.resolve())
+    environment = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    warm_cache = work / "numba-warm"
+
+    # Cold: every stage in a fresh interpreter with an empty Numba cache.
+    cold: dict[str, tuple[float, float, float]] = {}
+    cold_environment = dict(environment, NUMBA_CACHE_DIR=str(work / "numba-cold"))
+    for stage in STAGES:
+        cold[stage] = measure([str(BIN / "python"), "-m", f"audiomnist_anomalies.{stage}"], project, cold_environment)
+    whole_cold_environment = dict(environment, NUMBA_CACHE_DIR=str(work / "numba-cold-repro"))
+    cold["dvc repro --force"] = measure([str(BIN / "dvc"), "repro", "--force", "-q"], project, whole_cold_environment)
+
+    warm_environment = dict(environment, NUMBA_CACHE_DIR=str(warm_cache))
+    measure([str(BIN / "dvc"), "repro", "--force", "-q"], project, warm_environment)
+    warm: dict[str, list[tuple[float, float, float]]] = {name: [] for name in (*STAGES, "dvc repro --force")}
+    for _ in range(options.runs):
+        for stage in STAGES:
+            warm[stage].append(measure([str(BIN / "python"), "-m", f"audiomnist_anomalies.{stage}"], project, warm_environment))
+        warm["dvc repro --force"].append(measure([str(BIN / "dvc"), "repro", "--force", "-q"], project, warm_environment))
+
+    import csv
+
+    with open(project / "data/recordings.csv", newline="") as handle:
+        paths = [project / "data/raw" / row["path"] for row in csv.DictReader(handle)]
+    # Cold baseline: first librosa call in a fresh interpreter.
+    code = (
+        "import sys, time; sys.path.insert(0, %r); started = time.perf_counter(); "
+        "from run import baseline_features; from pathlib import Path; "
+        "baseline_features([Path(p) for p in sys.argv[1:]]); print(time.perf_counter() - started)"
+    ) % str(Path(__file__).parent)
+    cold_baseline = subprocess.run(
+        [str(BIN / "python"), "-c", code, *map(str, paths)],
+        env=dict(environment, NUMBA_CACHE_DIR=str(work / "numba-librosa")),
+        capture_output=True, text=True, check=True,
+    )
+    baseline_times = []
+    for _ in range(options.runs):
+        started = time.perf_counter()
+        reference = baseline_features(paths)
+        baseline_times.append(time.perf_counter() - started)
+    ours = np.load(project / "data/spectra.npy")
+    correlation = np.array([np.corrcoef(a, b)[0, 1] for a, b in zip(reference, ours)])
+
+    versions = ", ".join(
+        f"{name} {metadata.version(name)}"
+        for name in ("numpy", "scipy", "scikit-learn", "pacmap", "numba", "dvc", "librosa")
+    )
+    print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; {versions}")
+    print(f"Recordings: {len(paths)}; warm runs: {options.runs}\n")
+    print("| step | cold wall (s) | cold CPU (s) | cold peak memory (MB) | warm wall median (min-max) (s) | warm CPU (s) | warm peak memory (MB) |")
+    print("|---|---|---|---|---|---|---|")
+    for name in (*STAGES, "dvc repro --force"):
+        runs = warm[name]
+        print(
+            f"| {name} | {cold[name][0]:.2f} | {cold[name][1]:.2f} | {cold[name][2]:.0f} | "
+            f"{summary([run[0] for run in runs])} | {statistics.median(run[1] for run in runs):.2f} | "
+            f"{max(run[2] for run in runs):.0f} |"
+        )
+    spectra_warm = statistics.median(run[0] for run in warm["spectra"])
+    print()
+    print("| features for all recordings | cold (s) | warm median (min-max) (s) |")
+    print("|---|---|---|")
+    print(f"| librosa loop | {float(cold_baseline.stdout.strip()):.2f} | {summary(baseline_times)} |")
+    print(f"| spectra stage (whole process) | {cold['spectra'][0]:.2f} | {summary([run[0] for run in warm['spectra']])} |")
+    print(f"\nWarm ratio librosa loop / spectra stage: {statistics.median(baseline_times) / spectra_warm:.2f}")
+    print(
+        f"Per-recording correlation of the two spectra: minimum {correlation.min():.4f}, "
+        f"median {np.median(correlation):.4f}"
+    )
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
