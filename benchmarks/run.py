@@ -4,11 +4,11 @@ Usage (from the project root, after ``pip install -r benchmarks/requirements.txt
 
     python benchmarks/run.py --data /path/to/AudioMNIST/data --runs 5
 
-For every stage and for the whole ``dvc repro --force`` the script reports
-wall time (median, minimum and maximum of ``--runs`` runs), CPU time (user
-plus system, the process and its children) and peak resident memory, once
-with a cold cache (an empty Numba cache directory, so PaCMAP compiles its
-kernels) and then warm. It also times the per-file loop that analyses like
+The script reports, for every stage and for the whole ``dvc repro
+--force``, the wall time (median, minimum and maximum of ``--runs`` runs),
+the CPU time (user plus system, of the process and its children) and the
+peak resident memory. It measures once with a cold cache (an empty Numba
+cache directory, so PaCMAP compiles its kernels) and then warm. It also times the per-file loop that analyses like
 this are usually written with (``librosa.load`` at 6,800 Hz, padding to 1 s,
 a moving average of 5 and ``numpy.fft``) and checks that both produce the
 same features. It prints Markdown tables on standard output.
@@ -37,14 +37,18 @@ BIN = Path(sys.executable).parent
 
 def measure(command: list[str], cwd: Path, environment: dict[str, str]) -> tuple[float, float, float]:
     """Run a command; return wall seconds, CPU seconds and peak memory in MB."""
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        command, cwd=cwd, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{process.stderr.read().decode()[-2000:]}")
+    # A file, not a pipe, takes the log: a full pipe would block the stage.
+    with tempfile.TemporaryFile() as log:
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            command, cwd=cwd, env=environment, stdout=subprocess.DEVNULL, stderr=log
+        )
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - started
+        if os.waitstatus_to_exitcode(status) != 0:
+            log.seek(0)
+            message = log.read().decode(errors="replace")[-2000:]
+            raise SystemExit(f"{' '.join(command)} failed:\n{message}")
     # ru_maxrss is in kilobytes on Linux and covers the largest waited-for descendant.
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
@@ -66,7 +70,7 @@ def make_project(folder: Path, data: Path) -> None:
 
 
 def baseline_features(paths: list[Path]) -> np.ndarray:
-    """The usual per-file loop: librosa.load, pad to 1 s, moving average, FFT."""
+    """Compute spectra the usual way: librosa.load, pad to 1 s, moving average, FFT."""
     import librosa
 
     rows = []
