@@ -10,7 +10,7 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test clean check-report
+.PHONY: install run test clean check-report benchmark
 
 $(VENV)/installed: requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,3 +38,9 @@ clean:
 # images; writes report/screenshot.png.
 check-report: install
 	$(BIN)/python -m pytest -ra -m browser tests/test_report.py
+
+# Times every stage and the whole pipeline, cold and warm, against the usual
+# librosa loop: make benchmark DATA=/path/to/AudioMNIST/data
+benchmark: install
+	$(BIN)/python -m pip install --quiet -r benchmarks/requirements.txt
+	$(BIN)/python benchmarks/run.py --data '$(abspath $(DATA))' --runs 5
