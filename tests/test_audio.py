@@ -164,3 +164,16 @@ def test_opposite_channels_are_named(tmp_path):
 
     with pytest.raises(AudioInputError, match="channels cancel out"):
         read_wav(path)
+
+
+@pytest.mark.parametrize("source_rate", [48000, 44100, 16000, 8000])
+def test_cached_filter_matches_scipy_default(source_rate):
+    from scipy.signal import resample_poly
+
+    samples = np.random.default_rng(2).normal(size=source_rate // 3)
+    divisor = np.gcd(source_rate, 6800)
+
+    assert np.array_equal(
+        resample(samples, source_rate, 6800),
+        resample_poly(samples, 6800 // divisor, source_rate // divisor),
+    )

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .audio import preprocess, read_wav, window_length
+from .audio import decode_wav, preprocess, window_length
 from .cli import exit_with, run_stage
 from .errors import AudioInputError, PipelineError
 from .features import Layout, compute_features
@@ -169,7 +169,7 @@ def compute_spectra(
             rejected.append((relative, f"identical content to {seen_content[digest]}"))
             continue
         try:
-            recording = read_wav(path)
+            recording = decode_wav(content)
             samples = preprocess(recording, sample_rate, duration, smoothing_window)
             spectrum, maximum = compute_features(samples, feature_settings)
         except AudioInputError as error:
