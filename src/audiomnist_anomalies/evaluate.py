@@ -3,10 +3,10 @@
 The stage corrupts a seeded share (``evaluate.fraction``) of the usable
 recordings with the defect types in ``evaluate.defects`` (see `defects`),
 the types spread evenly over the corrupted recordings. It then computes the
-same spectra and runs the same detectors as the main pipeline on that set,
-and measures how well each detector ranks the corrupted recordings above
-the clean ones: ROC AUC, average precision, and precision among the top k
-where k is the number of corrupted recordings, overall and per defect type.
+same features and runs the same detectors as the main pipeline on that set.
+For each detector, overall and per defect type, it measures how well the
+corrupted recordings rank above the clean ones: ROC AUC, average precision,
+and precision among the top k, with k the number of corrupted recordings.
 The combined score is the mean of the two detectors' rank percentiles.
 The main pipeline's outputs are never touched, and the features follow
 ``spectra.kind`` like the main pipeline's.
@@ -187,7 +187,7 @@ def type_recovery(
 
     The per-frequency errors are mapped and clustered exactly as the cluster
     stage does. Among the corrupted recordings, the adjusted Rand index and
-    the purity compare the clusters with the true defect types; each cluster
+    the purity compare the clusters with the true defect types. Each cluster
     is also listed with the defect types of its corrupted members.
     """
     from .cluster import cluster_map

@@ -3,9 +3,9 @@
 For each WAV file this command computes the spectrum exactly as the spectra
 stage does and scores it with the saved Isolation Forest and PCA. The saved
 thresholds set its flags. The classifier that the cluster stage trained on
-its clusters assigns it a cluster from its per-frequency error profile
-(``classifier_cv_accuracy`` in ``metrics/cluster.json`` says how often it
-is right); without that file, the cluster with the nearest mean profile. A file that cannot be read gets a row with the reason instead
+its clusters assigns it a cluster from its per-frequency error profile, and
+``classifier_cv_accuracy`` in ``metrics/cluster.json`` gives how often that
+is right. Without the classifier file, the nearest mean profile decides. A file that cannot be read gets a row with the reason instead
 of stopping the batch.
 
 Run it from the project root after ``dvc repro``::
