@@ -12,6 +12,14 @@ cache directory, so PaCMAP compiles its kernels) and then warm. It also times th
 this are usually written with (``librosa.load`` at 6,800 Hz, padding to 1 s,
 a moving average of 5 and ``numpy.fft``) and checks that both produce the
 same features. It prints Markdown tables on standard output.
+
+With ``--scale`` it runs every stage once more, warm, on each of the given
+larger data sets (see ``python -m audiomnist_anomalies.generate``) and
+reports each stage's wall time, CPU time and peak memory per size, with the
+slope of log time against log size::
+
+    python benchmarks/run.py --data /path/to/AudioMNIST/data --runs 1 \
+        --scale /data/generated-30000 /data/generated-100000
 """
 
 from __future__ import annotations
@@ -91,7 +99,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="local copy of the upstream data/ folder")
     parser.add_argument("--runs", type=int, default=5, help="warm runs per measurement (default 5)")
+    parser.add_argument(
+        "--scale",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="larger data sets in the upstream layout to run every stage on once",
+    )
+    parser.add_argument(
+        "--scale-only", action="store_true", help="skip the measurements on --data except the scale run"
+    )
     options = parser.parse_args()
+    if options.scale_only:
+        scale_table(options.data, options.scale)
+        return
 
     work = Path(tempfile.mkdtemp(prefix="audiomnist-benchmark-"))
     project = work / "project"
@@ -136,6 +157,16 @@ def main() -> None:
         started = time.perf_counter()
         reference = baseline_features(paths)
         baseline_times.append(time.perf_counter() - started)
+    # The same work as the librosa loop, in this process: features only.
+    from audiomnist_anomalies.spectra import compute_spectra
+
+    in_process: dict[int, list[float]] = {1: [], -1: []}
+    for n_jobs in in_process:
+        compute_spectra(project / "data/raw", 6, 6800, 1.0, 5, n_jobs=n_jobs)
+        for _ in range(options.runs):
+            started = time.perf_counter()
+            compute_spectra(project / "data/raw", 6, 6800, 1.0, 5, n_jobs=n_jobs)
+            in_process[n_jobs].append(time.perf_counter() - started)
     ours = np.load(project / "data/spectra.npy")
     correlation = np.array([np.corrcoef(a, b)[0, 1] for a, b in zip(reference, ours)])
 
@@ -160,11 +191,69 @@ def main() -> None:
     print("|---|---|---|")
     print(f"| librosa loop | {float(cold_baseline.stdout.strip()):.2f} | {summary(baseline_times)} |")
     print(f"| spectra stage (whole process) | {cold['spectra'][0]:.2f} | {summary([run[0] for run in warm['spectra']])} |")
+    print(f"| compute_spectra in process, 1 process | | {summary(in_process[1])} |")
+    print(f"| compute_spectra in process, every core | | {summary(in_process[-1])} |")
     print(f"\nWarm ratio librosa loop / spectra stage: {statistics.median(baseline_times) / spectra_warm:.2f}")
+    print(
+        "Warm ratio librosa loop / compute_spectra in process: "
+        f"{statistics.median(baseline_times) / statistics.median(in_process[1]):.2f} (1 process), "
+        f"{statistics.median(baseline_times) / statistics.median(in_process[-1]):.2f} (every core)"
+    )
     print(
         f"Per-recording correlation of the two spectra: minimum {correlation.min():.4f}, "
         f"median {np.median(correlation):.4f}"
     )
+    shutil.rmtree(work, ignore_errors=True)
+    if options.scale:
+        scale_table(options.data, options.scale)
+
+
+SCALE_STAGES = ("fetch", "spectra", "detect", "embed", "cluster", "inspect", "evaluate")
+
+
+def scale_table(data: Path, folders: list[Path]) -> None:
+    """Run every stage once on each data set and print times, memory and growth."""
+    work = Path(tempfile.mkdtemp(prefix="audiomnist-scale-"))
+    environment = dict(
+        os.environ,
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        NUMBA_CACHE_DIR=str(work / "numba"),
+    )
+    sizes: list[int] = []
+    results: list[dict[str, tuple[float, float, float]]] = []
+    for folder in [data, *folders]:
+        project = work / "project"
+        project.mkdir()
+        make_project(project, folder.resolve())
+        # A first run of the map compiles PaCMAP's kernels into the shared cache.
+        if not results:
+            for stage in SCALE_STAGES:
+                measure([str(BIN / "python"), "-m", f"audiomnist_anomalies.{stage}"], project, environment)
+        measured = {}
+        for stage in SCALE_STAGES:
+            measured[stage] = measure(
+                [str(BIN / "python"), "-m", f"audiomnist_anomalies.{stage}"], project, environment
+            )
+            print(f"{folder.name}: {stage} {measured[stage][0]:.1f} s, {measured[stage][2]:.0f} MB", flush=True)
+        with open(project / "data/recordings.csv", newline="") as handle:
+            sizes.append(sum(1 for _ in handle) - 1)
+        results.append(measured)
+        shutil.rmtree(project)
+    print()
+    header = " | ".join(f"{size:,} recordings: wall (s), CPU (s), peak (MB)" for size in sizes)
+    print(f"| stage | {header} | slope of log time on log size |")
+    print("|---|" + "---|" * (len(sizes) + 1))
+    for values in results:
+        values["all stages"] = (
+            sum(values[name][0] for name in SCALE_STAGES),
+            sum(values[name][1] for name in SCALE_STAGES),
+            max(values[name][2] for name in SCALE_STAGES),
+        )
+    for stage in (*SCALE_STAGES, "all stages"):
+        rows = [values[stage] for values in results]
+        slope = np.polyfit(np.log(sizes), np.log([row[0] for row in rows]), 1)[0] if len(sizes) > 1 else float("nan")
+        cells = " | ".join(f"{wall:.1f}, {cpu:.1f}, {peak:.0f}" for wall, cpu, peak in rows)
+        print(f"| {stage} | {cells} | {slope:.2f} |")
     shutil.rmtree(work, ignore_errors=True)
 
 

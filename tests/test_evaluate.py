@@ -34,6 +34,7 @@ from audiomnist_anomalies.evaluate import (
     sampled_curves,
 )
 from audiomnist_anomalies.params import default_params, validate_params
+from audiomnist_anomalies.outputs import write_wav
 from synthetic import SAMPLE_RATE, speech_like, tone
 
 RNG = np.random.default_rng(0)
@@ -141,9 +142,12 @@ def test_quantization_to_16_bit_steps():
     assert quantized.tolist() == [0.0, 0.5, 32767 / 32768, -1.0]
 
 
-def test_planted_noise_ranks_above_clean():
+def test_planted_noise_ranks_above_clean(tmp_path):
     rng = np.random.default_rng(4)
-    recordings = [Recording(speech_like(rng, 0.7), SAMPLE_RATE, 1, "pcm16") for _ in range(80)]
+    recordings = []
+    for index in range(80):
+        recordings.append(tmp_path / f"6_{index % 4:02d}_{index}.wav")
+        write_wav(recordings[-1], 0.5 * speech_like(rng, 0.7), SAMPLE_RATE)
     labels = [CLEAN] * 80
     for index in (3, 17, 41, 66):
         labels[index] = "noise"

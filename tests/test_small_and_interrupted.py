@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import signal
 import subprocess
 import time
@@ -17,7 +18,7 @@ from audiomnist_anomalies.embed import embed
 from audiomnist_anomalies.errors import PipelineError
 from audiomnist_anomalies.fetch import fetch
 from audiomnist_anomalies.inspect import inspect
-from audiomnist_anomalies.outputs import atomic_path, read_csv
+from audiomnist_anomalies.outputs import atomic_directory, atomic_path, read_csv, write_text
 from audiomnist_anomalies.params import default_params, validate_params
 from audiomnist_anomalies.spectra import spectra
 from project import BIN, dvc, locked_outputs, make_project
@@ -70,6 +71,19 @@ def test_stale_temporaries_are_removed(tmp_path):
 
     assert target.read_text() == "whole"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["scores.csv"]
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        write_text(tmp_path / "table.csv", "a\n")
+        with atomic_directory(tmp_path / "models") as folder:
+            (folder / "model.json").write_text("{}")
+    finally:
+        os.umask(previous)
+
+    assert stat.S_IMODE((tmp_path / "table.csv").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "models").stat().st_mode) == 0o755
 
 
 def test_failed_write_leaves_target_unchanged(tmp_path):

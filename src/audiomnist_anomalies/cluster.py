@@ -28,7 +28,15 @@ from sklearn.metrics import silhouette_score
 from .cli import exit_with, run_stage
 from .errors import PipelineError
 from .mapping import pacmap_embedding
-from .outputs import atomic_path, load_npy, read_csv, save_figure, write_csv, write_json
+from .outputs import (
+    atomic_path,
+    load_npy,
+    read_csv,
+    row_batches,
+    save_figure,
+    write_csv,
+    write_json,
+)
 
 log = logging.getLogger("audiomnist_anomalies.cluster")
 
@@ -79,13 +87,17 @@ def cluster_map(
 
 
 def error_profiles(errors: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndarray:
-    """Return the mean per-frequency error of each cluster, shape (n_clusters, n_freq)."""
-    profiles = np.zeros((n_clusters, errors.shape[1]))
-    for label in range(n_clusters):
-        members = labels == label
-        if members.any():
-            profiles[label] = errors[members].mean(axis=0, dtype=np.float64)
-    return profiles
+    """Return the mean per-frequency error of each cluster, shape (n_clusters, n_freq).
+
+    The errors are read in batches, so a memory map is never loaded whole.
+    """
+    sums = np.zeros((n_clusters, errors.shape[1]))
+    for start, rows in row_batches(errors):
+        batch_labels = labels[start : start + rows.shape[0]]
+        for label in np.unique(batch_labels):
+            sums[label] += rows[batch_labels == label].sum(axis=0, dtype=np.float64)
+    sizes = np.bincount(labels, minlength=n_clusters)
+    return sums / np.maximum(sizes, 1)[:, np.newaxis]
 
 
 def nearest_profile_agreement(
@@ -97,19 +109,19 @@ def nearest_profile_agreement(
     reproduces the k-means clusters.
     """
     hits = 0
-    for start in range(0, errors.shape[0], batch):
-        block = errors[start : start + batch].astype(np.float64)
+    for start, rows in row_batches(errors, batch):
+        block = rows.astype(np.float64)
         distances = (
             (block**2).sum(axis=1)[:, np.newaxis]
             - 2 * block @ profiles.T
             + (profiles**2).sum(axis=1)[np.newaxis, :]
         )
-        hits += int((distances.argmin(axis=1) == labels[start : start + batch]).sum())
+        hits += int((distances.argmin(axis=1) == labels[start : start + rows.shape[0]]).sum())
     return round(hits / errors.shape[0], 4)
 
 
 def fit_classifier(
-    errors: np.ndarray, labels: np.ndarray, random_state: int
+    errors: np.ndarray, labels: np.ndarray, random_state: int, max_fit: int | None = None
 ) -> tuple[Pipeline, float | None]:
     """Train a classifier that assigns a cluster to any per-frequency error profile.
 
@@ -117,14 +129,21 @@ def fit_classifier(
     errors, standardized, so that new recordings get a cluster without
     rerunning PaCMAP and k-means.
 
+    With more than ``max_fit`` recordings, it is trained and cross-validated
+    on a seeded sample of ``max_fit``.
+
     Returns
     -------
     classifier : Pipeline
-        Fitted on all recordings.
+        Fitted on all recordings, or on the sample.
     accuracy : float or None
         Mean accuracy of 5-fold stratified cross-validation, or None when a
         cluster has fewer than 5 members.
     """
+    if max_fit is not None and labels.shape[0] > max_fit:
+        generator = np.random.default_rng(random_state)
+        sample = np.sort(generator.choice(labels.shape[0], size=max_fit, replace=False))
+        errors, labels = errors[sample], labels[sample]
     features = np.asarray(errors, dtype=np.float64)
     # PCA keeps the fit fast and stable; each cross-validation fold trains on 4/5.
     components = max(1, min(CLASSIFIER_COMPONENTS, features.shape[1], len(labels) * 4 // 5 - 1))
@@ -296,7 +315,8 @@ def draw_profiles(
 def cluster(params: dict[str, dict[str, Any]]) -> str:
     """Run the cluster stage with validated parameters; return its summary line."""
     settings = params["cluster"]
-    errors = load_npy(ERRORS_PATH)
+    errors = load_npy(ERRORS_PATH, mmap=True)
+    max_fit = params["compute"]["max_fit_recordings"]
     frequencies = load_npy(FREQUENCIES_PATH)
     scores = read_csv(SCORES_PATH)
     n_recordings = errors.shape[0]
@@ -321,10 +341,12 @@ def cluster(params: dict[str, dict[str, Any]]) -> str:
         fp_ratio=settings["fp_ratio"],
         random_state=settings["random_state"],
         parameter_prefix="cluster",
+        max_fit=max_fit,
     )
     labels, distances = cluster_map(embedding, n_clusters, settings["random_state"])
     profiles = error_profiles(errors, labels, n_clusters)
-    reference = errors.mean(axis=0, dtype=np.float64)
+    sizes = np.bincount(labels, minlength=n_clusters)
+    reference = sizes @ profiles / n_recordings
     bands = frequency_bands(settings["band_edges_hz"], float(frequencies[-1]))
     dropped = [edge for edge in settings["band_edges_hz"] if edge > frequencies[-1] + 1e-6]
     if dropped:
@@ -340,12 +362,21 @@ def cluster(params: dict[str, dict[str, Any]]) -> str:
     names = [
         profile_name(description, float(reference.mean())) for description in descriptions
     ]
-    sizes = np.bincount(labels, minlength=n_clusters)
     agreement = nearest_profile_agreement(errors, labels, profiles)
-    classifier, accuracy = fit_classifier(errors, labels, settings["random_state"])
+    classifier, accuracy = fit_classifier(errors, labels, settings["random_state"], max_fit)
     silhouette = None
     if 2 <= n_clusters < n_recordings and len(np.unique(labels)) > 1:
-        silhouette = round(float(silhouette_score(embedding, labels)), 6)
+        # The silhouette compares all pairs of points; above max_fit it is
+        # estimated on a seeded sample of that many.
+        sample_size = max_fit if n_recordings > max_fit else None
+        silhouette = round(
+            float(
+                silhouette_score(
+                    embedding, labels, sample_size=sample_size, random_state=settings["random_state"]
+                )
+            ),
+            6,
+        )
 
     write_csv(
         CLUSTERS_PATH,

@@ -38,8 +38,10 @@ from .cli import exit_with, run_stage
 from .errors import PipelineError
 from .features import Layout
 from .outputs import (
+    RowWriter,
     atomic_directory,
     load_npy,
+    row_batches,
     package_versions,
     read_csv,
     write_csv,
@@ -58,6 +60,9 @@ ERRORS_PATH = Path("data/errors.npy")
 MODELS_DIR = Path("data/models")
 METRICS_PATH = Path("metrics/detect.json")
 MIN_TRAINING_RECORDINGS = 2
+# Recordings scored at a time: 4,096 spectra of 3,401 frequencies take 110 MB
+# as float64, so scoring memory does not grow with the data set.
+BATCH_ROWS = 4096
 
 SCORE_COLUMNS = (
     "recording_id",
@@ -223,13 +228,15 @@ def detect_anomalies(
     autoencoder_layers: list[int] = (256, 32, 256),
     autoencoder_epochs: int = 200,
     layout: Layout | None = None,
+    max_fit_recordings: int = 10_000,
+    errors_path: Path | None = None,
 ) -> Detection:
     """Fit both detectors on the training part and score every recording.
 
     Parameters
     ----------
     spectra : np.ndarray [shape=(n, n_frequencies)]
-        Normalized magnitude spectra.
+        Normalized magnitude spectra; a memory map is read in batches.
     test_size : float in [0, 0.9]
         Fraction of recordings held out from fitting.
     random_state : int
@@ -252,6 +259,12 @@ def detect_anomalies(
     layout : Layout, optional
         Column layout of the features; errors of features with time frames
         are averaged over the frames. Without it every column is a frequency.
+    max_fit_recordings : int
+        Fit on a seeded sample of this many training recordings when there
+        are more; every recording is scored, in batches.
+    errors_path : Path, optional
+        Stream the per-frequency errors into this ``.npy`` file instead of
+        keeping them in memory; ``Detection.errors`` is then a memory map.
 
     Returns
     -------
@@ -289,54 +302,52 @@ def detect_anomalies(
             f"recordings of {n_frequencies} frequencies allow; lower it or give a "
             "variance fraction such as 0.99."
         )
-    data = spectra.astype(np.float64)
+    fit_index = fit_sample(is_train, max_fit_recordings, random_state)
+    if fit_index.shape[0] < is_train.sum():
+        log.info(
+            "detect: fitting on a sample of %d of the %d training recordings "
+            "(compute.max_fit_recordings)",
+            fit_index.shape[0],
+            int(is_train.sum()),
+        )
+    train = np.asarray(spectra[fit_index], dtype=np.float64)
     scaler = None
     if standardize:
-        scaler = StandardScaler().fit(data[is_train])
-        data = scaler.transform(data)
-    train = data[is_train]
+        scaler = StandardScaler().fit(train)
+        train = scaler.transform(train)
 
     forest = IsolationForest(
         n_estimators=n_estimators,
         contamination=contamination,
         random_state=random_state,
     ).fit(train)
-    forest_score = -forest.score_samples(data)
     # score_samples is offset_ away from decision_function, so this matches predict().
     forest_threshold = float(-forest.offset_)
 
     if reconstruction == "autoencoder":
         model = fit_autoencoder(train, autoencoder_layers, autoencoder_epochs, random_state)
-        errors = (data - reconstruct(model, data)) ** 2
-        return _finish(errors, is_train, forest, forest_score, forest_threshold, contamination, layout, scaler, model)
-    pca = PCA(n_components=pca_components, svd_solver="full", random_state=random_state)
-    pca.fit(train)
-    if pca.n_components_ >= n_train - 1:
-        log.warning(
-            "detect: %d PCA components for %d training recordings reconstruct the "
-            "training part almost exactly, so reconstruction errors and flags carry "
-            "little meaning; add recordings or lower detect.pca_components",
-            pca.n_components_,
-            n_train,
-        )
-    errors = (data - reconstruct(pca, data)) ** 2
-    return _finish(errors, is_train, forest, forest_score, forest_threshold, contamination, layout, scaler, pca)
-
-
-def _finish(
-    errors: np.ndarray,
-    is_train: np.ndarray,
-    forest: IsolationForest,
-    forest_score: np.ndarray,
-    forest_threshold: float,
-    contamination: float,
-    layout: Layout | None,
-    scaler: StandardScaler | None,
-    model: PCA | MLPRegressor,
-) -> Detection:
-    reconstruction_error = errors.mean(axis=1)
-    if layout is not None:
-        errors = layout.per_frequency(errors)
+    else:
+        model = fit_pca(train, pca_components)
+        if model.n_components_ >= fit_index.shape[0] - 1:
+            log.warning(
+                "detect: %d PCA components for %d training recordings reconstruct the "
+                "training part almost exactly, so reconstruction errors and flags carry "
+                "little meaning; add recordings or lower detect.pca_components",
+                model.n_components_,
+                fit_index.shape[0],
+            )
+    del train
+    models = Models(forest, model, scaler, {})
+    forest_score = np.empty(n_recordings)
+    reconstruction_error = np.empty(n_recordings)
+    n_columns = layout.frequencies.shape[0] if layout is not None else n_frequencies
+    with RowWriter(errors_path, n_columns) as writer:
+        for start, rows in row_batches(spectra, BATCH_ROWS):
+            stop = start + rows.shape[0]
+            forest_score[start:stop], errors = models.score(rows)
+            reconstruction_error[start:stop] = errors.mean(axis=1)
+            writer.append(layout.per_frequency(errors) if layout is not None else errors)
+        per_frequency = writer.finish()
     # NOTE: a reconstruction model fits its own training recordings more closely
     # than held-out ones, so a threshold from training errors flags held-out
     # recordings more often (PCA: 14% against 10% on the 3,000 real recordings
@@ -348,13 +359,87 @@ def _finish(
         is_train=is_train,
         isolation_forest_score=forest_score,
         reconstruction_error=reconstruction_error,
-        errors=errors.astype(np.float32),
+        errors=per_frequency,
         isolation_forest_threshold=forest_threshold,
         reconstruction_threshold=reconstruction_threshold,
         isolation_forest=forest,
         pca=model,
         scaler=scaler,
     )
+
+
+def fit_sample(is_train: np.ndarray, max_fit: int, random_state: int) -> np.ndarray:
+    """Return the sorted indices of the training recordings the models are fitted on.
+
+    All of them up to ``max_fit``; above it a seeded sample of ``max_fit``.
+    """
+    train_index = np.flatnonzero(is_train)
+    if train_index.shape[0] <= max_fit:
+        return train_index
+    generator = np.random.default_rng(random_state)
+    return np.sort(generator.choice(train_index, size=max_fit, replace=False))
+
+
+def fit_pca(train: np.ndarray, n_components: float | int) -> PCA:
+    """Fit a PCA through the eigendecomposition of the smaller Gram matrix.
+
+    The result is a fitted scikit-learn ``PCA``, equal to ``svd_solver="full"``
+    up to rounding. The eigenproblem of the centred data times its own
+    transpose (n x n, or d x d when there are more rows than columns) is
+    solved faster than the singular value decomposition of the data: 1.6 s
+    instead of 5.7 s for 2,700 spectra of 3,401 frequencies. Signs follow
+    scikit-learn's convention: the largest loading of each component is
+    positive.
+
+    Parameters
+    ----------
+    train : np.ndarray [shape=(n, d), dtype=float64]
+    n_components : float in (0, 1) or int >= 1
+        Share of variance to keep (the fewest components that exceed it), or
+        a number of components.
+    """
+    n_samples, n_features = train.shape
+    mean = train.mean(axis=0)
+    centred = train - mean
+    if n_samples <= n_features:
+        eigenvalues, vectors = np.linalg.eigh(centred @ centred.T)
+    else:
+        eigenvalues, vectors = np.linalg.eigh(centred.T @ centred)
+    order = np.argsort(eigenvalues)[::-1]
+    eigenvalues = np.clip(eigenvalues[order], 0.0, None)
+    vectors = vectors[:, order]
+    variance = eigenvalues / max(n_samples - 1, 1)
+    total = variance.sum()
+    ratio = variance / total if total > 0 else np.zeros_like(variance)
+    rank = min(n_samples, n_features)
+    if isinstance(n_components, float) and n_components < 1:
+        count = int(np.searchsorted(np.cumsum(ratio), n_components, side="right")) + 1
+        count = min(count, rank)
+    else:
+        count = int(n_components)
+    singular = np.sqrt(eigenvalues[:count])
+    if n_samples <= n_features:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            components = (centred.T @ vectors[:, :count] / singular).T
+        components[~np.isfinite(components)] = 0.0
+    else:
+        components = vectors[:, :count].T.copy()
+    largest = np.argmax(np.abs(components), axis=1)
+    signs = np.sign(components[np.arange(count), largest])
+    signs[signs == 0] = 1.0
+    components *= signs[:, None]
+
+    pca = PCA(n_components=n_components, svd_solver="full")
+    pca.n_features_in_ = n_features
+    pca.n_samples_ = n_samples
+    pca.mean_ = mean
+    pca.components_ = components
+    pca.n_components_ = count
+    pca.explained_variance_ = variance[:count]
+    pca.explained_variance_ratio_ = ratio[:count]
+    pca.singular_values_ = singular
+    pca.noise_variance_ = float(variance[count:rank].mean()) if count < rank else 0.0
+    return pca
 
 
 def anomaly_rank(scores: np.ndarray) -> np.ndarray:
@@ -430,7 +515,8 @@ def write_outputs(detection: Detection, recording_ids: list[str]) -> None:
         for i, recording_id in enumerate(recording_ids)
     )
     write_csv(SCORES_PATH, SCORE_COLUMNS, rows)
-    write_npy(ERRORS_PATH, detection.errors)
+    if not isinstance(detection.errors, np.memmap):
+        write_npy(ERRORS_PATH, detection.errors)
     with atomic_directory(MODELS_DIR) as folder:
         joblib.dump(detection.isolation_forest, folder / "isolation_forest.joblib")
         joblib.dump(detection.pca, folder / "pca.joblib")
@@ -475,7 +561,7 @@ def load_layout(path: Path = FEATURES_PATH, frequencies_path: Path = FREQUENCIES
 def detect(params: dict[str, dict[str, Any]]) -> str:
     """Run the detect stage with validated parameters; return its summary line."""
     settings = params["detect"]
-    spectra = load_npy(SPECTRA_PATH)
+    spectra = load_npy(SPECTRA_PATH, mmap=True)
     recording_ids = [row["recording_id"] for row in read_csv(RECORDINGS_PATH)]
     if len(recording_ids) != spectra.shape[0]:
         raise PipelineError(
@@ -495,7 +581,13 @@ def detect(params: dict[str, dict[str, Any]]) -> str:
             f"{FEATURES_PATH} describes {layout.n_features} columns but {SPECTRA_PATH} "
             f"has {spectra.shape[1]}; rerun the spectra stage (dvc repro)"
         )
-    detection = detect_anomalies(spectra, **settings, layout=layout)
+    detection = detect_anomalies(
+        spectra,
+        **settings,
+        layout=layout,
+        max_fit_recordings=params["compute"]["max_fit_recordings"],
+        errors_path=ERRORS_PATH,
+    )
     write_outputs(detection, recording_ids)
     metrics = detect_metrics(detection)
     if metrics["reconstruction"] == "pca":

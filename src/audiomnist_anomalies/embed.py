@@ -101,7 +101,7 @@ def draw_embedding(
 def embed(params: dict[str, dict[str, Any]]) -> str:
     """Run the embed stage with validated parameters; return its summary line."""
     settings = params["embed"]
-    spectra = load_npy(SPECTRA_PATH)
+    spectra = load_npy(SPECTRA_PATH, mmap=True)
     scores = read_csv(SCORES_PATH)
     recordings = read_csv(RECORDINGS_PATH)
     if not len(scores) == len(recordings) == spectra.shape[0]:
@@ -119,6 +119,7 @@ def embed(params: dict[str, dict[str, Any]]) -> str:
         fp_ratio=settings["fp_ratio"],
         random_state=settings["random_state"],
         parameter_prefix="embed",
+        max_fit=params["compute"]["max_fit_recordings"],
     )
     forest = np.array([float(row["isolation_forest_score"]) for row in scores])
     error = np.array([float(row["reconstruction_error"]) for row in scores])

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from scipy.stats import rankdata
@@ -97,38 +97,44 @@ def defect_arguments(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def corrupt(
-    recordings: list[Recording],
+    paths: list[Path],
     speakers: list[str],
     labels: list[str],
     settings: dict[str, Any],
-) -> list[Recording]:
-    """Apply each recording's defect and quantize the result to 16 bits.
+) -> Iterator[Recording]:
+    """Read each recording, apply its defect and quantize the result to 16 bits.
 
-    The second voice comes from a randomly chosen clean recording of
-    another speaker, resampled to the corrupted recording's rate.
+    Yields the recordings one at a time, in order, so only one (and the
+    voice mixed into it) is in memory. The second voice comes from a
+    randomly chosen clean recording of another speaker, resampled to the
+    corrupted recording's rate.
     """
     from .audio import resample
 
     rng = np.random.default_rng(settings["random_state"] + 1)
     arguments = defect_arguments(settings)
     clean = [index for index, label in enumerate(labels) if label == CLEAN]
-    corrupted = []
-    for index, (recording, label) in enumerate(zip(recordings, labels)):
+    for index, (path, label) in enumerate(zip(paths, labels)):
+        recording = _reread(path)
         if label == CLEAN:
-            corrupted.append(recording)
+            yield recording
             continue
         extra = dict(arguments[label])
         if label == "second_voice":
             others = [i for i in clean if speakers[i] != speakers[index]] or clean
-            other = recordings[int(rng.choice(others))]
+            other = _reread(paths[int(rng.choice(others))])
             extra["other"] = resample(other.samples, other.sample_rate, recording.sample_rate)
         samples = DEFECTS[label](recording.samples, recording.sample_rate, rng, **extra)
-        corrupted.append(
-            Recording(
-                quantize_16_bit(samples), recording.sample_rate, recording.channels, recording.encoding
-            )
+        yield Recording(
+            quantize_16_bit(samples), recording.sample_rate, recording.channels, recording.encoding
         )
-    return corrupted
+
+
+def _reread(path: Path) -> Recording:
+    try:
+        return read_wav(path)
+    except AudioInputError as error:
+        raise PipelineError(f"cannot reread {path}: {error}; rerun dvc repro") from None
 
 
 def precision_at_k(is_anomaly: np.ndarray, scores: np.ndarray) -> float:
@@ -181,7 +187,7 @@ def purity(truth: list[str], clusters: np.ndarray) -> float:
 
 
 def type_recovery(
-    errors: np.ndarray, labels: list[str], settings: dict[str, Any]
+    errors: np.ndarray, labels: list[str], settings: dict[str, Any], max_fit: int | None = None
 ) -> dict[str, Any]:
     """Measure how well the error-profile clusters separate the planted defect types.
 
@@ -201,6 +207,7 @@ def type_recovery(
         fp_ratio=settings["fp_ratio"],
         random_state=settings["random_state"],
         parameter_prefix="cluster",
+        max_fit=max_fit,
     )
     clusters, _ = cluster_map(embedding, n_clusters, settings["random_state"])
     corrupted = [index for index, label in enumerate(labels) if label != CLEAN]
@@ -259,14 +266,17 @@ def evaluate(params: dict[str, dict[str, Any]]) -> str:
             )
     audio = params["spectra"]
     rows = read_csv(RECORDINGS_PATH)
-    recordings = []
-    for row in tqdm(rows, desc="read", unit="file", disable=None):
-        try:
-            recordings.append(read_wav(RAW_DIR / row["path"]))
-        except AudioInputError as error:
-            raise PipelineError(
-                f"cannot reread {RAW_DIR / row['path']}: {error}; rerun dvc repro"
-            ) from None
+    limit = params["compute"]["max_fit_recordings"]
+    if len(rows) > limit:
+        generator = np.random.default_rng(settings["random_state"])
+        chosen = np.sort(generator.choice(len(rows), size=limit, replace=False))
+        log.info(
+            "evaluate: measuring on a seeded sample of %d of the %d recordings "
+            "(compute.max_fit_recordings)",
+            limit,
+            len(rows),
+        )
+        rows = [rows[index] for index in chosen]
     labels = assign_defects(
         len(rows), settings["fraction"], settings["defects"], settings["random_state"]
     )
@@ -276,10 +286,13 @@ def evaluate(params: dict[str, dict[str, Any]]) -> str:
         sum(label != CLEAN for label in labels),
         len(settings["defects"]),
     )
-    corrupted = corrupt(recordings, [row["speaker"] for row in rows], labels, settings)
+    corrupted = corrupt(
+        [RAW_DIR / row["path"] for row in rows], [row["speaker"] for row in rows], labels, settings
+    )
     columns = feature_layout(audio, window_length(audio["sample_rate"], audio["duration"]))
     spectra = []
-    for index, recording in enumerate(tqdm(corrupted, desc="spectra", unit="file", disable=None)):
+    progress = tqdm(corrupted, total=len(rows), desc="spectra", unit="file", disable=None)
+    for recording in progress:
         samples = preprocess(recording, audio["sample_rate"], audio["duration"], audio["smoothing_window"])
         try:
             features, _ = compute_features(samples, audio)
@@ -289,7 +302,10 @@ def evaluate(params: dict[str, dict[str, Any]]) -> str:
             features = np.full(columns.n_features, audio["floor_db"] if audio["kind"] != "fft_magnitude" else 0.0)
         spectra.append(features.astype(np.float32))
     matrix = np.vstack(spectra)
-    detection = detect_anomalies(matrix, **params["detect"], layout=columns)
+    del spectra
+    detection = detect_anomalies(
+        matrix, **params["detect"], layout=columns, max_fit_recordings=limit
+    )
     scores = {
         "isolation_forest": detection.isolation_forest_score,
         "reconstruction_error": detection.reconstruction_error,
@@ -297,7 +313,7 @@ def evaluate(params: dict[str, dict[str, Any]]) -> str:
     scores["combined"] = rank_average(*scores.values())
     quality = evaluate_scores(labels, scores)
     is_anomaly = np.array(labels) != CLEAN
-    types = type_recovery(detection.errors, labels, params["cluster"])
+    types = type_recovery(detection.errors, labels, params["cluster"], limit)
     roc_rows, pr_rows = sampled_curves(is_anomaly, scores)
 
     write_csv(

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .audio import magnitude_spectrum
+from .audio import Recording, magnitude_spectrum, preprocess
 from .errors import AudioInputError
 
 KINDS = ("fft_magnitude", "log_bands", "log_tf")
@@ -160,3 +160,15 @@ def compute_features(samples: np.ndarray, settings: dict[str, Any]) -> tuple[np.
     bins = np.fft.rfftfreq(windows.shape[1], d=1.0 / sample_rate)
     decibels, total = _decibels_of_total(_pool_bands(power, bins, edges), settings["floor_db"])
     return decibels.ravel(), total
+
+
+def recording_features(recording: Recording, settings: dict[str, Any]) -> tuple[np.ndarray, float]:
+    """Preprocess a recording as ``settings`` say and compute its features.
+
+    ``settings`` is the validated ``spectra`` section; returns the same as
+    `compute_features`.
+    """
+    samples = preprocess(
+        recording, settings["sample_rate"], settings["duration"], settings["smoothing_window"]
+    )
+    return compute_features(samples, settings)

@@ -16,6 +16,7 @@ import warnings
 import numpy as np
 
 from .errors import PipelineError
+from .outputs import row_batches
 
 log = logging.getLogger("audiomnist_anomalies.mapping")
 
@@ -25,6 +26,8 @@ log = logging.getLogger("audiomnist_anomalies.mapping")
 MIN_PACMAP_POINTS = 20
 # PaCMAP draws 6 distinct candidates for every mid-near pair.
 MID_NEAR_CANDIDATES = 6
+# Rows placed per call of PaCMAP's transform when it was fitted on a sample.
+PLACE_BATCH = 8192
 
 
 def _errors_only(record: logging.LogRecord) -> bool:
@@ -77,6 +80,7 @@ def pacmap_embedding(
     fp_ratio: float,
     random_state: int,
     parameter_prefix: str,
+    max_fit: int | None = None,
 ) -> tuple[np.ndarray, str]:
     """Embed rows of ``features`` in two dimensions with PaCMAP.
 
@@ -93,6 +97,11 @@ def pacmap_embedding(
         Seed; with it the embedding is the same on every run.
     parameter_prefix : str
         Section of ``params.yaml`` the values come from, for messages.
+    max_fit : int, optional
+        With more rows than this, PaCMAP is fitted on a seeded sample of
+        ``max_fit`` rows and places the others with its ``transform``, in
+        batches; each placed point depends only on the fitted map, so the
+        cost grows linearly beyond ``max_fit``.
 
     Returns
     -------
@@ -120,7 +129,8 @@ def pacmap_embedding(
 
     import pacmap
 
-    neighbors, mid_near, further = pair_counts(n_points, n_neighbors, mn_ratio, fp_ratio)
+    fit_points = n_points if max_fit is None else min(n_points, max_fit)
+    neighbors, mid_near, further = pair_counts(fit_points, n_neighbors, mn_ratio, fp_ratio)
     if neighbors != n_neighbors:
         log.warning(
             "%s.n_neighbors = %d is too large for %d recordings; using %d",
@@ -129,9 +139,20 @@ def pacmap_embedding(
             n_points,
             neighbors,
         )
-    data = np.ascontiguousarray(features, dtype=np.float32)
+    fitted = np.arange(n_points)
+    if max_fit is not None and n_points > max_fit:
+        generator = np.random.default_rng(random_state)
+        fitted = np.sort(generator.choice(n_points, size=max_fit, replace=False))
+        log.info(
+            "%s: PaCMAP fitted on a sample of %d of %d recordings, the others placed "
+            "with its transform (compute.max_fit_recordings)",
+            parameter_prefix,
+            max_fit,
+            n_points,
+        )
+    data = np.ascontiguousarray(features[fitted], dtype=np.float32)
     # PaCMAP's PCA step keeps 100 components, so it needs more than 100 rows and columns.
-    apply_pca = data.shape[1] > 100 and n_points > 100
+    apply_pca = data.shape[1] > 100 and data.shape[0] > 100
     # PaCMAP warns about the adjustments above on its own logger; keep only errors.
     pacmap_log = logging.getLogger("pacmap.pacmap")
     pacmap_log.addFilter(_errors_only)
@@ -146,8 +167,20 @@ def pacmap_embedding(
                 FP_ratio=further / neighbors,
                 random_state=random_state,
                 apply_pca=apply_pca,
+                save_tree=fitted.shape[0] < n_points,
             )
-            embedding = reducer.fit_transform(data, init="pca")
+            embedding = np.empty((n_points, 2), dtype=np.float32)
+            embedding[fitted] = reducer.fit_transform(data, init="pca")
+            if fitted.shape[0] < n_points:
+                del data
+                rest = np.ones(n_points, dtype=bool)
+                rest[fitted] = False
+                for start, rows in row_batches(features, PLACE_BATCH):
+                    placed = rest[start : start + rows.shape[0]]
+                    if placed.any():
+                        embedding[start : start + rows.shape[0]][placed] = reducer.transform(
+                            np.ascontiguousarray(rows[placed], dtype=np.float32)
+                        )
     finally:
         pacmap_log.removeFilter(_errors_only)
     embedding = np.asarray(embedding, dtype=np.float32)

@@ -55,6 +55,12 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path | str, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path that replaces ``target`` when the block succeeds.
@@ -71,6 +77,9 @@ def atomic_path(target: Path | str, suffix: str = "") -> Iterator[Path]:
     )
     os.close(handle)
     temporary = Path(name)
+    # mkstemp creates the file readable by its owner only; give the output the
+    # permissions an ordinary new file gets, so others can read shared results.
+    os.chmod(temporary, 0o666 & ~_umask())
     try:
         yield temporary
         os.replace(temporary, target)
@@ -86,6 +95,7 @@ def atomic_directory(target: Path | str) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target)
     temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    os.chmod(temporary, 0o777 & ~_umask())
     try:
         yield temporary
         if target.exists():
@@ -119,9 +129,96 @@ def write_npy(target: Path | str, array: np.ndarray) -> None:
     write_bytes(target, buffer.getvalue())
 
 
-def load_npy(path: Path | str) -> np.ndarray:
-    """Load a ``.npy`` file without ever unpickling objects."""
-    return np.load(path, allow_pickle=False)
+def load_npy(path: Path | str, mmap: bool = False) -> np.ndarray:
+    """Load a ``.npy`` file without ever unpickling objects.
+
+    With ``mmap`` the array is a read-only memory map: rows are read from
+    the file when they are used.
+    """
+    return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+
+
+def row_batches(array: np.ndarray, size: int = 4096) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(start, rows)`` of a matrix in batches, each copied into memory.
+
+    For a memory map, each batch is read with ordinary file reads instead of
+    through the map, so the pages read do not stay resident in the process
+    and its memory does not grow with the number of rows.
+    """
+    filename = getattr(array, "filename", None)
+    if filename is None or not isinstance(array, np.memmap):
+        for start in range(0, array.shape[0], size):
+            yield start, np.asarray(array[start : start + size])
+        return
+    row_bytes = array.dtype.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))
+    with open(filename, "rb") as handle:
+        for start in range(0, array.shape[0], size):
+            count = min(size, array.shape[0] - start)
+            handle.seek(array.offset + start * row_bytes)
+            rows = np.fromfile(handle, dtype=array.dtype, count=count * row_bytes // array.dtype.itemsize)
+            yield start, rows.reshape((count,) + array.shape[1:])
+
+
+class RowWriter:
+    """Stream rows of a float32 matrix into a ``.npy`` file, atomically.
+
+    Rows are appended to a temporary file next to the target; `finish` writes
+    the target, ``.npy`` header first, once the row count is known, so the
+    matrix is never whole in memory and the target appears only complete.
+    Without a target the rows are collected in memory instead.
+    """
+
+    def __init__(self, target: Path | str | None, n_columns: int):
+        self.target = Path(target) if target is not None else None
+        self.n_columns = n_columns
+        self.rows: list[np.ndarray] = []
+        self.count = 0
+        self._rows_path: Path | None = None
+        self._handle: Any = None
+
+    def __enter__(self) -> "RowWriter":
+        if self.target is not None:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            # Named apart from the target's temporaries, which `atomic_path` removes.
+            rows_name = self.target.with_name(self.target.stem + "-rows")
+            remove_stale_temporaries(rows_name)
+            handle, name = tempfile.mkstemp(
+                prefix=f".{rows_name.name}.", suffix=".tmp", dir=self.target.parent
+            )
+            self._rows_path = Path(name)
+            self._handle = os.fdopen(handle, "wb")
+        return self
+
+    def append(self, rows: np.ndarray) -> None:
+        """Add a batch of rows, shape ``(k, n_columns)``, or one row, shape ``(n_columns,)``."""
+        rows = np.ascontiguousarray(rows, dtype="<f4").reshape(-1, self.n_columns)
+        if self._handle is None:
+            self.rows.append(rows)
+        else:
+            self._handle.write(rows.tobytes())
+        self.count += rows.shape[0]
+
+    def finish(self) -> np.ndarray:
+        """Return all rows: a read-only memory map of the target when streaming.
+
+        Nothing is written when there are no rows.
+        """
+        if self._handle is None or self.count == 0:
+            if not self.rows:
+                return np.zeros((0, self.n_columns), dtype=np.float32)
+            return np.vstack(self.rows)
+        self._handle.close()
+        header = {"descr": "<f4", "fortran_order": False, "shape": (self.count, self.n_columns)}
+        with atomic_path(self.target) as temporary:
+            with open(temporary, "wb") as output, open(self._rows_path, "rb") as rows:
+                np.lib.format.write_array_header_1_0(output, header)
+                shutil.copyfileobj(rows, output, 1 << 22)
+        return load_npy(self.target, mmap=True)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._rows_path.unlink(missing_ok=True)
 
 
 def format_value(value: Any) -> str:

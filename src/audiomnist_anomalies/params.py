@@ -120,6 +120,22 @@ def _url(value: Any) -> str | None:
     return None
 
 
+def _dask_address(value: Any) -> str | None:
+    if not isinstance(value, str) or not (
+        value == "" or re.match(r"^(tcp|tls)://[^\s/]+:\d+$", value)
+    ):
+        return "empty, or a Dask scheduler address such as tcp://127.0.0.1:8786"
+    return None
+
+
+def _n_jobs(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not (
+        value == -1 or 1 <= value <= 512
+    ):
+        return "-1 (every core) or a whole number of processes from 1 to 512"
+    return None
+
+
 def _pca_components(value: Any) -> str | None:
     text = (
         "a fraction of variance to keep in (0, 1), or a whole number of "
@@ -221,6 +237,18 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "floor_db": Spec(
             float, _float_open_closed(-200, 0, low_open=False, high_open=True), -100.0,
             "lowest level in dB relative to the total power",
+        ),
+    },
+    "compute": {
+        "n_jobs": Spec(int, _n_jobs, -1, "processes of the spectra stage (-1: every core)"),
+        "dask_scheduler": Spec(
+            str, _dask_address, "", "Dask scheduler that runs the spectra stage instead"
+        ),
+        "max_fit_recordings": Spec(
+            int,
+            _int_range(100, 10_000_000),
+            10_000,
+            "recordings sampled to fit each model when there are more",
         ),
     },
     "detect": {

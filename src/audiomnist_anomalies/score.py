@@ -28,10 +28,10 @@ import joblib
 import numpy as np
 from tqdm import tqdm
 
-from .audio import preprocess, read_wav
+from .audio import read_wav
 from .cli import EXIT_USER_ERROR, configure_logging, exit_with
 from .detect import load_layout, load_models
-from .features import compute_features
+from .features import recording_features
 from .errors import AudioInputError, ParameterError, PipelineError
 from .outputs import format_value, read_csv, write_csv
 from .params import load_params
@@ -103,14 +103,7 @@ def score_files(paths: list[Path], params: dict[str, dict[str, Any]]) -> list[di
         row: dict[str, Any] = {column: None for column in COLUMNS}
         row["path"] = str(path)
         try:
-            recording = read_wav(path)
-            samples = preprocess(
-                recording,
-                settings["sample_rate"],
-                settings["duration"],
-                settings["smoothing_window"],
-            )
-            features, _ = compute_features(samples, settings)
+            features, _ = recording_features(read_wav(path), settings)
         except AudioInputError as error:
             row.update(status="rejected", reason=str(error))
             log.warning("score: rejected %s: %s", path, error)

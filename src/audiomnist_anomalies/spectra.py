@@ -16,19 +16,19 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
-from .audio import decode_wav, preprocess, window_length
+from .audio import decode_wav, window_length
 from .cli import exit_with, run_stage
 from .errors import AudioInputError, PipelineError
-from .features import Layout, compute_features
+from .features import Layout, recording_features
 from .features import layout as feature_layout
 from .metadata import COLUMNS as METADATA_COLUMNS
 from .metadata import METADATA_FILE, empty_speaker, read_metadata
-from .outputs import write_csv, write_json, write_npy
+from .outputs import RowWriter, write_csv, write_json, write_npy
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,154 @@ def recording_files(raw_dir: Path) -> list[Path]:
         and not path.name.startswith(".")
     ]
 
-    def order(path: Path) -> tuple:
-        match = RECORDING_NAME.fullmatch(path.stem)
-        if match:
-            return (0, int(match["speaker"]), int(match["repetition"]), path.as_posix())
-        return (1, 0, 0, path.as_posix())
+    return sorted(paths, key=_file_order)
 
-    return sorted(paths, key=order)
+
+def _file_order(path: Path) -> tuple:
+    match = RECORDING_NAME.fullmatch(path.stem)
+    if match:
+        return (0, int(match["speaker"]), int(match["repetition"]), path.as_posix())
+    return (1, 0, 0, path.as_posix())
+
+
+# Files per task sent to a worker process: large enough that the transfer
+# and scheduling cost per file is small, small enough to balance 2 cores.
+CHUNK_FILES = 128
+# Below this many files the worker start-up costs more than it saves.
+MIN_PARALLEL_FILES = 512
+# How long to wait for a Dask scheduler before giving up.
+DASK_CONNECT_TIMEOUT = "15s"
+
+
+@dataclass
+class Analysed:
+    """What a worker learned about one file.
+
+    Attributes
+    ----------
+    digest : str or None
+        SHA-256 of the content; None when the file could not be read.
+    reason : str or None
+        Why the file cannot be used; None when it can.
+    features : np.ndarray or None [dtype=float32]
+    scale : float
+        Normalization factor of the features.
+    info : dict
+        Duration, sample rate, channels, encoding and peak of the recording.
+    """
+
+    digest: str | None
+    reason: str | None = None
+    features: np.ndarray | None = None
+    scale: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def analyse_files(paths: list[str], feature_settings: dict[str, Any]) -> list[Analysed]:
+    """Read, decode and compute the features of each file; runs in a worker.
+
+    Parameters
+    ----------
+    paths : list of str
+        Absolute paths.
+    feature_settings : dict
+        The ``spectra`` section with ``sample_rate``, ``duration`` and
+        ``smoothing_window`` filled in.
+
+    Returns
+    -------
+    list of Analysed
+        One per path, in the same order.
+    """
+    results = []
+    for path in paths:
+        try:
+            content = Path(path).read_bytes()
+        except OSError as error:
+            results.append(Analysed(None, f"cannot read file: {error.strerror or error}"))
+            continue
+        digest = hashlib.sha256(content).hexdigest()
+        try:
+            recording = decode_wav(content)
+            features, scale = recording_features(recording, feature_settings)
+        except AudioInputError as error:
+            results.append(Analysed(digest, str(error)))
+            continue
+        info = {
+            "duration_s": round(recording.duration, 6),
+            "sample_rate_hz": recording.sample_rate,
+            "channels": recording.channels,
+            "encoding": recording.encoding,
+            "peak_amplitude": round(float(np.max(np.abs(recording.samples))), 6),
+            "trimmed": recording.duration > feature_settings["duration"],
+        }
+        results.append(Analysed(digest, None, features.astype(np.float32), scale, info))
+    return results
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def _analysed_in_order(
+    paths: list[str],
+    feature_settings: dict[str, Any],
+    n_jobs: int,
+    dask_scheduler: str,
+) -> Iterator[Analysed]:
+    """Yield the analysis of every path in order, computed where configured.
+
+    The same function runs in this process, in joblib worker processes, or
+    on the workers of a Dask cluster; each file is computed independently,
+    so the results do not depend on where or in how many parts they ran.
+    At most a few chunks are in flight, which bounds the memory.
+    """
+    chunks = _chunks(paths, CHUNK_FILES)
+    if dask_scheduler:
+        results = _dask_results(dask_scheduler, chunks, feature_settings)
+    elif n_jobs == 1 or len(paths) < MIN_PARALLEL_FILES:
+        results = (analyse_files(chunk, feature_settings) for chunk in chunks)
+    else:
+        from joblib import Parallel, delayed
+
+        results = Parallel(n_jobs=n_jobs, return_as="generator")(
+            delayed(analyse_files)(chunk, feature_settings) for chunk in chunks
+        )
+    for chunk_results in results:
+        yield from chunk_results
+
+
+def _dask_results(
+    address: str, chunks: list[list[str]], feature_settings: dict[str, Any]
+) -> Iterator[list[Analysed]]:
+    """Run `analyse_files` on a Dask cluster, a bounded window of chunks at a time."""
+    from collections import deque
+
+    try:
+        from distributed import Client
+    except ImportError:
+        raise PipelineError(
+            "compute.dask_scheduler is set but the package distributed is not "
+            "installed; install it (pip install -r requirements.txt) or set "
+            'compute.dask_scheduler to ""'
+        ) from None
+    try:
+        client = Client(address, timeout=DASK_CONNECT_TIMEOUT, set_as_default=False)
+    except (OSError, TimeoutError) as error:
+        raise PipelineError(
+            f"cannot reach the Dask scheduler at {address} (compute.dask_scheduler): "
+            f"{error}. Start the scheduler and its workers, or set "
+            'compute.dask_scheduler to "" to compute on this machine.'
+        ) from None
+    with client:
+        window = max(2, 2 * sum(client.nthreads().values()))
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(client.submit(analyse_files, chunk, feature_settings, pure=False))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def compute_spectra(
@@ -109,6 +250,10 @@ def compute_spectra(
     duration: float,
     smoothing_window: int,
     feature_settings: dict[str, Any] | None = None,
+    *,
+    n_jobs: int = 1,
+    dask_scheduler: str = "",
+    spectra_path: Path | None = None,
 ) -> SpectraResult:
     """Compute the features of every usable recording below ``raw_dir``.
 
@@ -128,6 +273,15 @@ def compute_spectra(
     feature_settings : dict, optional
         The ``spectra`` section of ``params.yaml``, which selects the feature
         kind; without it the features are the normalized FFT magnitude.
+    n_jobs : int
+        Worker processes; -1 uses every core.
+    dask_scheduler : str
+        Address of a Dask scheduler whose workers compute the features
+        instead; empty computes them on this machine.
+    spectra_path : Path, optional
+        Write the features to this ``.npy`` file as they arrive, so they are
+        never all in memory; ``SpectraResult.spectra`` is then a read-only
+        memory map of the file. Without it they are returned in memory.
 
     Returns
     -------
@@ -140,81 +294,78 @@ def compute_spectra(
         smoothing_window=smoothing_window,
     )
     metadata = read_metadata(raw_dir / METADATA_FILE)
-    length = window_length(sample_rate, duration)
+    columns = feature_layout(feature_settings, window_length(sample_rate, duration))
     rows: list[dict[str, Any]] = []
-    spectra: list[np.ndarray] = []
     rejected: list[tuple[str, str]] = []
-    seen_content: dict[str, str] = {}
+    candidates: list[tuple[Path, re.Match]] = []
     seen_ids: set[str] = set()
-    missing_metadata: set[str] = set()
-
-    for path in tqdm(recording_files(raw_dir), desc="spectra", unit="file", disable=None):
+    for path in recording_files(raw_dir):
         relative = path.relative_to(raw_dir).as_posix()
         match = RECORDING_NAME.fullmatch(path.stem)
         if path.suffix.lower() != ".wav" or not match:
             rejected.append(
                 (relative, "name does not follow {digit}_{speaker}_{repetition}.wav")
             )
-            continue
-        if int(match["digit"]) != digit:
+        elif int(match["digit"]) != digit:
             rejected.append((relative, f"recording of digit {match['digit']}, not {digit}"))
-            continue
-        recording_id = path.stem
-        if recording_id in seen_ids:
-            rejected.append((relative, f"duplicate recording id {recording_id}"))
-            continue
-        content = path.read_bytes()
-        digest = hashlib.sha256(content).hexdigest()
-        if digest in seen_content:
-            rejected.append((relative, f"identical content to {seen_content[digest]}"))
-            continue
-        try:
-            recording = decode_wav(content)
-            samples = preprocess(recording, sample_rate, duration, smoothing_window)
-            spectrum, maximum = compute_features(samples, feature_settings)
-        except AudioInputError as error:
-            rejected.append((relative, str(error)))
-            continue
-        seen_ids.add(recording_id)
-        seen_content[digest] = relative
+        elif path.stem in seen_ids:
+            rejected.append((relative, f"duplicate recording id {path.stem}"))
+        else:
+            seen_ids.add(path.stem)
+            candidates.append((path, match))
 
-        speaker = match["speaker"].zfill(2)
-        folder = path.parent.relative_to(raw_dir).as_posix()
-        if folder != speaker:
-            log.warning(
-                "spectra: %s is in folder '%s', not in the folder of speaker %s; "
-                "used with the speaker from its name",
-                relative,
-                folder,
-                speaker,
-            )
-        if speaker not in metadata:
-            missing_metadata.add(speaker)
-        row = {
-            "recording_id": recording_id,
-            "path": relative,
-            "speaker": speaker,
-            "repetition": int(match["repetition"]),
-            "duration_s": round(recording.duration, 6),
-            "sample_rate_hz": recording.sample_rate,
-            "channels": recording.channels,
-            "encoding": recording.encoding,
-            "peak_amplitude": round(float(np.max(np.abs(recording.samples))), 6),
-            "trimmed": recording.duration > duration,
-            "magnitude_max": maximum,
-        }
-        row.update(metadata.get(speaker, empty_speaker()))
-        rows.append(row)
-        spectra.append(spectrum.astype(np.float32))
+    seen_content: dict[str, str] = {}
+    missing_metadata: set[str] = set()
+    analysed = _analysed_in_order(
+        [str(path.resolve()) for path, _ in candidates], feature_settings, n_jobs, dask_scheduler
+    )
+    with RowWriter(spectra_path, columns.n_features) as writer:
+        progress = tqdm(
+            zip(candidates, analysed),
+            total=len(candidates),
+            desc="spectra",
+            unit="file",
+            disable=None,
+        )
+        for (path, match), result in progress:
+            relative = path.relative_to(raw_dir).as_posix()
+            if result.digest is not None and result.digest in seen_content:
+                rejected.append((relative, f"identical content to {seen_content[result.digest]}"))
+                continue
+            if result.reason is not None:
+                rejected.append((relative, result.reason))
+                continue
+            seen_content[result.digest] = relative
+            speaker = match["speaker"].zfill(2)
+            folder = path.parent.relative_to(raw_dir).as_posix()
+            if folder != speaker:
+                log.warning(
+                    "spectra: %s is in folder '%s', not in the folder of speaker %s; "
+                    "used with the speaker from its name",
+                    relative,
+                    folder,
+                    speaker,
+                )
+            if speaker not in metadata:
+                missing_metadata.add(speaker)
+            row = {
+                "recording_id": path.stem,
+                "path": relative,
+                "speaker": speaker,
+                "repetition": int(match["repetition"]),
+                **result.info,
+                "magnitude_max": result.scale,
+            }
+            row.update(metadata.get(speaker, empty_speaker()))
+            rows.append(row)
+            writer.append(result.features)
+        matrix = writer.finish()
 
+    rejected.sort(key=lambda item: _file_order(raw_dir / item[0]))
     for speaker in sorted(missing_metadata):
         log.warning("spectra: speaker %s has no metadata entry; metadata left empty", speaker)
     for relative, reason in rejected:
         log.warning("spectra: rejected %s: %s", relative, reason)
-    columns = feature_layout(feature_settings, length)
-    matrix = (
-        np.vstack(spectra) if spectra else np.zeros((0, columns.n_features), dtype=np.float32)
-    )
     return SpectraResult(matrix, columns.frequencies, rows, rejected, columns)
 
 
@@ -252,8 +403,11 @@ def _reason_kind(reason: str) -> str:
 
 
 def write_outputs(result: SpectraResult) -> None:
-    """Write the spectra stage outputs atomically."""
-    write_npy(SPECTRA_PATH, result.spectra)
+    """Write the spectra stage outputs atomically.
+
+    The spectra themselves are written while they are computed (see
+    `compute_spectra`).
+    """
     write_npy(FREQUENCIES_PATH, result.frequencies)
     write_json(FEATURES_PATH, result.layout.to_json())
     write_csv(
@@ -310,6 +464,9 @@ def spectra(params: dict[str, dict[str, Any]]) -> str:
         settings["duration"],
         settings["smoothing_window"],
         settings,
+        n_jobs=params["compute"]["n_jobs"],
+        dask_scheduler=params["compute"]["dask_scheduler"],
+        spectra_path=SPECTRA_PATH,
     )
     if not result.recordings:
         raise PipelineError(
