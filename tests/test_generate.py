@@ -413,6 +413,16 @@ def test_cli_count_zero(source, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("inside", ["out_in_source", "source_in_out"])
+def test_cli_output_overlapping_source(source, tmp_path, inside):
+    output = source / "generated" if inside == "out_in_source" else source.parent
+    before = sorted(path.relative_to(source).as_posix() for path in source.rglob("*"))
+    result = run_cli("--source", str(source), "--out", str(output), "--count", "10")
+
+    assert_user_error(result, "overlap")
+    assert sorted(path.relative_to(source).as_posix() for path in source.rglob("*")) == before
+
+
 def test_cli_unrelated_output_folder(source, tmp_path):
     output = tmp_path / "out"
     output.mkdir()

@@ -51,6 +51,14 @@ def test_committed_params_are_valid(tmp_path):
         ("data", "source", "github:soerenab/AudioMNIST@main", "40-digit"),
         ("data", "digit", 10, "'data.digit'"),
         ("embed", "random_state", -1, "'embed.random_state'"),
+        ("compute", "n_jobs", 0, "'compute.n_jobs'"),
+        ("compute", "n_jobs", "two", "'compute.n_jobs'"),
+        ("compute", "dask_scheduler", "http://127.0.0.1:8786", "'compute.dask_scheduler'"),
+        ("compute", "dask_scheduler", "tcp://127.0.0.1", "'compute.dask_scheduler'"),
+        ("compute", "dask_scheduler", "tcp://127.0.0.1:0", "'compute.dask_scheduler'"),
+        ("compute", "dask_scheduler", "tcp://127.0.0.1:99999", "'compute.dask_scheduler'"),
+        ("compute", "max_fit_recordings", 99, "'compute.max_fit_recordings'"),
+        ("compute", "max_fit_recordings", 1e4 + 0.5, "'compute.max_fit_recordings'"),
     ],
 )
 def test_invalid_value_names_key(section, key, value, expected):
@@ -61,6 +69,17 @@ def test_invalid_value_names_key(section, key, value, expected):
         validate_params(params)
     assert expected in str(error.value)
     assert "expected" in str(error.value)
+
+
+def test_whole_number_float_is_read_as_integer():
+    params = default_params()
+    params["compute"]["max_fit_recordings"] = 1e4
+    params["cluster"]["n_clusters"] = 8.0
+
+    validated = validate_params(params)
+    assert validated["compute"]["max_fit_recordings"] == 10000
+    assert type(validated["compute"]["max_fit_recordings"]) is int
+    assert validated["cluster"]["n_clusters"] == 8
 
 
 def test_misspelled_key_suggests_correct_one():

@@ -205,3 +205,47 @@ def test_map_fitted_on_a_sample_places_the_rest():
         np.linalg.norm(embedding[:, None, :] - map_centres[None, :, :], axis=2), axis=1
     )
     assert np.mean(nearest == groups) > 0.95
+
+
+def local_cluster(workers: int):
+    distributed = pytest.importorskip("distributed")
+    return distributed.LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        host="127.0.0.1",
+        dashboard_address=None,
+        processes=False,
+        protocol="tcp://",
+    )
+
+
+def test_scheduler_without_workers_is_a_clear_error(mixed_dataset, monkeypatch):
+    monkeypatch.setattr(spectra_stage, "DASK_NO_WORKERS_TIMEOUT", 2.0)
+    monkeypatch.setattr(spectra_stage, "DASK_POLL_SECONDS", 0.5)
+    with local_cluster(0) as cluster:
+        with pytest.raises(PipelineError, match="has had no workers for 2 s"):
+            compute_spectra(mixed_dataset, 6, 6800, 1.0, 5, dask_scheduler=cluster.scheduler_address)
+
+
+def test_file_a_dask_worker_cannot_see_stops_the_stage(mixed_dataset, monkeypatch):
+    listed = spectra_stage.recording_files(mixed_dataset)
+    ghost = mixed_dataset / "02" / "6_02_77.wav"
+    monkeypatch.setattr(spectra_stage, "recording_files", lambda raw_dir: listed + [ghost])
+    with local_cluster(1) as cluster:
+        with pytest.raises(PipelineError, match="Dask workers must see data/raw at the same path"):
+            compute_spectra(mixed_dataset, 6, 6800, 1.0, 5, dask_scheduler=cluster.scheduler_address)
+
+
+def test_scheduler_lost_during_the_run_is_a_clear_error(mixed_dataset):
+    from audiomnist_anomalies.spectra import _dask_results
+
+    paths = [str(path) for path in sorted(mixed_dataset.glob("0*/6_*.wav"))]
+    settings = {"kind": "fft_magnitude", "sample_rate": 6800, "duration": 1.0, "smoothing_window": 5}
+    cluster = local_cluster(1)
+    results = _dask_results(cluster.scheduler_address, [[path] for path in paths], settings)
+    first = next(results)
+    cluster.close()
+    with pytest.raises(PipelineError, match="compute.dask_scheduler"):
+        for _ in results:
+            pass
+    assert first[0].reason is None

@@ -409,6 +409,20 @@ def marker_content(source: Path, digit: int, count: int, seed: int) -> dict[str,
     }
 
 
+def check_separate(source: Path, output: Path) -> None:
+    """Refuse an output folder inside the source folder, or the other way round.
+
+    The pipeline reads every subfolder of its source, so generated files
+    inside the source would be mixed into it as real recordings.
+    """
+    source, output = source.resolve(), output.resolve()
+    if output == source or source in output.parents or output in source.parents:
+        raise ParameterError(
+            f"output folder {str(output)!r} and source folder {str(source)!r} overlap; "
+            "give an output folder outside the source folder"
+        )
+
+
 def prepare_output(output: Path, marker: dict[str, Any]) -> None:
     """Create the output folder, or accept a previous output with the same arguments.
 
@@ -501,6 +515,7 @@ def generate(
         an output folder that is in use, or an unreadable source recording.
     """
     validate_arguments(count, seed, digit, workers)
+    check_separate(source, output)
     recordings = find_source_recordings(source, digit)
     plans = plan_speakers(count, list(recordings))
     metadata = build_metadata(plans, read_source_metadata(source))

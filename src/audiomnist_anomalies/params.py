@@ -121,10 +121,12 @@ def _url(value: Any) -> str | None:
 
 
 def _dask_address(value: Any) -> str | None:
-    if not isinstance(value, str) or not (
-        value == "" or re.match(r"^(tcp|tls)://[^\s/]+:\d+$", value)
-    ):
-        return "empty, or a Dask scheduler address such as tcp://127.0.0.1:8786"
+    text = "empty, or a Dask scheduler address such as tcp://127.0.0.1:8786 (port 1-65535)"
+    if not isinstance(value, str):
+        return text
+    match = re.match(r"^(tcp|tls)://[^\s/]+:(\d{1,5})$", value)
+    if value and not (match and 1 <= int(match[2]) <= 65535):
+        return text
     return None
 
 
@@ -420,6 +422,9 @@ def validate_params(raw: Any, source: str = "params.yaml") -> dict[str, dict[str
                     f"Add it, for example '{key}: {spec.default!r}'."
                 )
             value = values[key]
+            # dvc exp run -S key=1e4 stores 10000.0; a whole number is meant.
+            if spec.kind is int and isinstance(value, float) and value.is_integer():
+                value = int(value)
             accepted = (int, float) if spec.kind is float else spec.kind
             wrong_bool = isinstance(value, bool) != (spec.kind is bool)
             if not isinstance(value, accepted) or wrong_bool:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
 from collections import Counter
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -106,10 +108,15 @@ def _file_order(path: Path) -> tuple:
 # Files per task sent to a worker process: large enough that the transfer
 # and scheduling cost per file is small, small enough to balance 2 cores.
 CHUNK_FILES = 128
+# Reason given by a worker for a listed file that it cannot find.
+MISSING = "file not found"
 # Below this many files the worker start-up costs more than it saves.
 MIN_PARALLEL_FILES = 512
 # How long to wait for a Dask scheduler before giving up.
 DASK_CONNECT_TIMEOUT = "15s"
+# While no worker is connected, wait this long (seconds) for one to appear.
+DASK_NO_WORKERS_TIMEOUT = 60.0
+DASK_POLL_SECONDS = 2.0
 
 
 @dataclass
@@ -156,6 +163,9 @@ def analyse_files(paths: list[str], feature_settings: dict[str, Any]) -> list[An
     for path in paths:
         try:
             content = Path(path).read_bytes()
+        except FileNotFoundError:
+            results.append(Analysed(None, MISSING))
+            continue
         except OSError as error:
             results.append(Analysed(None, f"cannot read file: {error.strerror or error}"))
             continue
@@ -213,7 +223,14 @@ def _analysed_in_order(
 def _dask_results(
     address: str, chunks: list[list[str]], feature_settings: dict[str, Any]
 ) -> Iterator[list[Analysed]]:
-    """Run `analyse_files` on a Dask cluster, a bounded window of chunks at a time."""
+    """Run `analyse_files` on a Dask cluster, a bounded window of chunks at a time.
+
+    Raises
+    ------
+    PipelineError
+        If the scheduler cannot be reached, has had no workers for
+        ``DASK_NO_WORKERS_TIMEOUT`` seconds, or goes away during the run.
+    """
     from collections import deque
 
     try:
@@ -224,23 +241,48 @@ def _dask_results(
             "installed; install it (pip install -r requirements.txt) or set "
             'compute.dask_scheduler to ""'
         ) from None
+    advice = (
+        "Start the scheduler and its workers, or set compute.dask_scheduler to \"\" "
+        "to compute on this machine."
+    )
     try:
         client = Client(address, timeout=DASK_CONNECT_TIMEOUT, set_as_default=False)
     except (OSError, TimeoutError) as error:
         raise PipelineError(
             f"cannot reach the Dask scheduler at {address} (compute.dask_scheduler): "
-            f"{error}. Start the scheduler and its workers, or set "
-            'compute.dask_scheduler to "" to compute on this machine.'
+            f"{error}. {advice}"
         ) from None
     with client:
-        window = max(2, 2 * sum(client.nthreads().values()))
         pending: deque = deque()
-        for chunk in chunks:
-            pending.append(client.submit(analyse_files, chunk, feature_settings, pure=False))
-            if len(pending) >= window:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+
+        def next_result() -> list[Analysed]:
+            future = pending.popleft()
+            idle_since = time.monotonic()
+            while True:
+                try:
+                    return future.result(timeout=DASK_POLL_SECONDS)
+                except TimeoutError:
+                    if client.nthreads():
+                        idle_since = time.monotonic()
+                    elif time.monotonic() - idle_since > DASK_NO_WORKERS_TIMEOUT:
+                        raise PipelineError(
+                            f"the Dask scheduler at {address} (compute.dask_scheduler) "
+                            f"has had no workers for {DASK_NO_WORKERS_TIMEOUT:.0f} s. {advice}"
+                        ) from None
+
+        try:
+            window = max(2, 2 * sum(client.nthreads().values()))
+            for chunk in chunks:
+                pending.append(client.submit(analyse_files, chunk, feature_settings, pure=False))
+                if len(pending) >= window:
+                    yield next_result()
+            while pending:
+                yield next_result()
+        except (CancelledError, OSError) as error:
+            raise PipelineError(
+                f"lost the Dask scheduler at {address} (compute.dask_scheduler) during "
+                f"the run: {type(error).__name__} {error}. {advice}"
+            ) from None
 
 
 def compute_spectra(
@@ -329,6 +371,18 @@ def compute_spectra(
         )
         for (path, match), result in progress:
             relative = path.relative_to(raw_dir).as_posix()
+            if result.reason == MISSING:
+                # The file was listed a moment ago, so it is not a bad recording.
+                where = "a Dask worker" if dask_scheduler else "a worker process"
+                raise PipelineError(
+                    f"{where} could not find {path.resolve()}, which is in {raw_dir}"
+                    + (
+                        "; Dask workers must see data/raw at the same path as this "
+                        "machine (a shared file system)"
+                        if dask_scheduler
+                        else "; was the folder changed during the run? Rerun the stage"
+                    )
+                )
             if result.digest is not None and result.digest in seen_content:
                 rejected.append((relative, f"identical content to {seen_content[result.digest]}"))
                 continue
