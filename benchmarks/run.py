@@ -205,7 +205,13 @@ def main() -> None:
     )
     shutil.rmtree(work, ignore_errors=True)
     if options.scale:
-        scale_table(options.data, options.scale)
+        # A fresh process: a child forked from this one, which now holds the
+        # baseline's arrays, would report this process's memory as its peak.
+        subprocess.run(
+            [sys.executable, __file__, "--data", str(options.data), "--scale-only", "--scale",
+             *map(str, options.scale)],
+            check=True,
+        )
 
 
 SCALE_STAGES = ("fetch", "spectra", "detect", "embed", "cluster", "inspect", "evaluate")
