@@ -13,7 +13,7 @@ from audiomnist_anomalies import spectra as spectra_stage
 from audiomnist_anomalies.detect import detect_anomalies, fit_pca, fit_sample
 from audiomnist_anomalies.errors import PipelineError
 from audiomnist_anomalies.mapping import pacmap_embedding
-from audiomnist_anomalies.outputs import RowWriter, load_npy, row_batches
+from audiomnist_anomalies.outputs import RowWriter, load_npy, row_batches, take_rows
 from audiomnist_anomalies.spectra import compute_spectra
 from synthetic import make_dataset, write_wav
 
@@ -249,3 +249,15 @@ def test_scheduler_lost_during_the_run_is_a_clear_error(mixed_dataset):
         for _ in results:
             pass
     assert first[0].reason is None
+
+
+def test_take_rows_reads_the_same_rows_from_a_memory_map(tmp_path):
+    matrix = np.arange(50 * 4, dtype=np.float32).reshape(50, 4)
+    np.save(tmp_path / "m.npy", matrix)
+    mapped = load_npy(tmp_path / "m.npy", mmap=True)
+    indices = np.array([0, 7, 8, 49])
+
+    rows = take_rows(mapped, indices)
+    assert not isinstance(rows, np.memmap)
+    assert np.array_equal(rows, matrix[indices])
+    assert np.array_equal(take_rows(matrix, indices), matrix[indices])

@@ -33,6 +33,7 @@ from .outputs import (
     load_npy,
     read_csv,
     row_batches,
+    take_rows,
     save_figure,
     write_csv,
     write_json,
@@ -145,7 +146,7 @@ def fit_classifier(
     if max_fit is not None and labels.shape[0] > max_fit:
         generator = np.random.default_rng(random_state)
         sample = np.sort(generator.choice(labels.shape[0], size=max_fit, replace=False))
-        errors, labels = errors[sample], labels[sample]
+        errors, labels = take_rows(errors, sample), labels[sample]
     features = np.asarray(errors, dtype=np.float64)
     # PCA keeps the fit fast and stable; each cross-validation fold trains on 4/5.
     components = max(1, min(CLASSIFIER_COMPONENTS, features.shape[1], len(labels) * 4 // 5 - 1))

@@ -42,6 +42,7 @@ from .outputs import (
     atomic_directory,
     load_npy,
     row_batches,
+    take_rows,
     package_versions,
     read_csv,
     write_csv,
@@ -310,7 +311,7 @@ def detect_anomalies(
             fit_index.shape[0],
             int(is_train.sum()),
         )
-    train = np.asarray(spectra[fit_index], dtype=np.float64)
+    train = take_rows(spectra, fit_index).astype(np.float64)
     scaler = None
     if standardize:
         scaler = StandardScaler().fit(train)

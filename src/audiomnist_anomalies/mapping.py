@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 
 from .errors import PipelineError
-from .outputs import row_batches
+from .outputs import row_batches, take_rows
 
 log = logging.getLogger("audiomnist_anomalies.mapping")
 
@@ -150,7 +150,7 @@ def pacmap_embedding(
             max_fit,
             n_points,
         )
-    data = np.ascontiguousarray(features[fitted], dtype=np.float32)
+    data = np.ascontiguousarray(take_rows(features, fitted), dtype=np.float32)
     # PaCMAP's PCA step keeps 100 components, so it needs more than 100 rows and columns.
     apply_pca = data.shape[1] > 100 and data.shape[0] > 100
     # PaCMAP warns about the adjustments above on its own logger; keep only errors.

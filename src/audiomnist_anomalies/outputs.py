@@ -159,6 +159,29 @@ def row_batches(array: np.ndarray, size: int = 4096) -> Iterator[tuple[int, np.n
             yield start, rows.reshape((count,) + array.shape[1:])
 
 
+def take_rows(array: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Return ``array[indices]`` as an in-memory copy.
+
+    For a memory map, the rows are read with ordinary file reads: gathering
+    rows through the map would leave the pages around each row resident (the
+    kernel maps neighbouring pages too), so the process's memory would grow
+    with the file rather than with the rows taken.
+    """
+    filename = getattr(array, "filename", None)
+    if filename is None or not isinstance(array, np.memmap):
+        return np.asarray(array[indices])
+    row_items = int(np.prod(array.shape[1:], dtype=np.int64))
+    row_bytes = array.dtype.itemsize * row_items
+    rows = np.empty((len(indices),) + array.shape[1:], dtype=array.dtype)
+    with open(filename, "rb") as handle:
+        for position, index in enumerate(indices):
+            handle.seek(array.offset + int(index) * row_bytes)
+            rows[position] = np.fromfile(handle, dtype=array.dtype, count=row_items).reshape(
+                array.shape[1:]
+            )
+    return rows
+
+
 class RowWriter:
     """Stream rows of a float32 matrix into a ``.npy`` file, atomically.
 
