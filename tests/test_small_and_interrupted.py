@@ -62,6 +62,31 @@ def test_small_data_sets(tmp_path, monkeypatch, n_recordings, outcome):
     assert method == ("pca" if n_recordings < 20 else "pacmap")
 
 
+@pytest.mark.timeout(600)
+def test_inspect_workers_started_in_another_folder(tmp_path, monkeypatch):
+    from joblib import Parallel, delayed
+
+    # Start the reusable worker processes (unless an earlier test did) while
+    # another folder is current; they keep that folder.
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    folders = Parallel(n_jobs=2)(delayed(os.getcwd)() for _ in range(4))
+    assert str(tmp_path / "project") not in folders
+
+    source = make_dataset(tmp_path / "source", speakers=2, repetitions=15, anomalies=False)
+    (tmp_path / "project").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    params = default_params()
+    params["data"]["source"] = str(source)
+    run_all(validate_params(params))
+    index = read_csv(tmp_path / "project/plots/inspect/index.csv")
+
+    assert len(index) >= 8
+    for row in index:
+        assert (tmp_path / "project/plots/inspect" / row["figure"]).stat().st_size > 0
+    assert not (tmp_path / "elsewhere" / "plots").exists()
+
+
 def test_stale_temporaries_are_removed(tmp_path):
     target = tmp_path / "scores.csv"
     (tmp_path / ".scores.csv.abc123.tmp").write_text("half")

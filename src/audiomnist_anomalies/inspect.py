@@ -171,13 +171,16 @@ def draw_recording(
     layout: Layout,
     audio: dict[str, Any],
     folder: Path,
+    raw_dir: Path,
 ) -> tuple:
     """Draw one recording's comparison figure, write its WAV files; return its index row.
 
-    Runs in worker processes when there are many recordings to draw.
+    Runs in worker processes when there are many recordings to draw. Worker
+    processes are reused and keep the working folder they started in, so
+    ``folder`` and ``raw_dir`` must be absolute.
     """
     try:
-        decoded = read_wav(RAW_DIR / recording["path"])
+        decoded = read_wav(raw_dir / recording["path"])
     except AudioInputError as error:
         raise PipelineError(
             f"cannot reread {RAW_DIR / recording['path']}: {error}; rerun the "
@@ -267,16 +270,17 @@ def inspect(params: dict[str, dict[str, Any]]) -> str:
         for name, index in selected
     ]
     with atomic_directory(OUTPUT_DIR) as folder:
+        folder, raw_dir = folder.resolve(), RAW_DIR.resolve()
         if len(jobs) < MIN_PARALLEL_FIGURES or params["compute"]["n_jobs"] == 1:
             index_rows = [
-                draw_recording(*job, models, layout, audio, folder)
+                draw_recording(*job, models, layout, audio, folder, raw_dir)
                 for job in tqdm(jobs, desc="inspect", unit="recording", disable=None)
             ]
         else:
             from joblib import Parallel, delayed
 
             index_rows = Parallel(n_jobs=params["compute"]["n_jobs"])(
-                delayed(draw_recording)(*job, models, layout, audio, folder) for job in jobs
+                delayed(draw_recording)(*job, models, layout, audio, folder, raw_dir) for job in jobs
             )
         write_csv(
             folder / "index.csv",
