@@ -158,3 +158,22 @@ def test_odd_but_valid_recordings_are_used(tmp_path):
     assert result.rejected == []
     assert result.spectra[0, 0] == 1.0
     assert result.recordings[3]["path"] == "elsewhere/6_02_0.wav"
+
+
+def test_duplicate_ids_keep_the_first_usable_recording(dataset):
+    # Sorted by path, the broken copy of 6_01_4 comes before the real one.
+    (dataset / "00bad").mkdir()
+    (dataset / "00bad" / "6_01_4.wav").write_text("not audio")
+    (dataset / "zz").mkdir()
+    write_wav(dataset / "zz" / "6_01_3.wav", tone(300, 0.5))
+    result = compute_spectra(dataset, 6, 6800, 1.0, 5)
+    used = {row["recording_id"]: row["path"] for row in result.recordings}
+
+    assert result.spectra.shape[0] == 60
+    assert used["6_01_4"] == "01/6_01_4.wav"
+    assert used["6_01_3"] == "01/6_01_3.wav"
+    # Rejections are listed in file order: speaker, repetition, then path.
+    assert result.rejected == [
+        ("zz/6_01_3.wav", "duplicate recording id 6_01_3"),
+        ("00bad/6_01_4.wav", "not a WAV file (no RIFF/WAVE header)"),
+    ]

@@ -340,7 +340,6 @@ def compute_spectra(
     rows: list[dict[str, Any]] = []
     rejected: list[tuple[str, str]] = []
     candidates: list[tuple[Path, re.Match]] = []
-    seen_ids: set[str] = set()
     for path in recording_files(raw_dir):
         relative = path.relative_to(raw_dir).as_posix()
         match = RECORDING_NAME.fullmatch(path.stem)
@@ -350,12 +349,11 @@ def compute_spectra(
             )
         elif int(match["digit"]) != digit:
             rejected.append((relative, f"recording of digit {match['digit']}, not {digit}"))
-        elif path.stem in seen_ids:
-            rejected.append((relative, f"duplicate recording id {path.stem}"))
         else:
-            seen_ids.add(path.stem)
             candidates.append((path, match))
 
+    # An id or a content counts as seen once a recording with it was used.
+    seen_ids: set[str] = set()
     seen_content: dict[str, str] = {}
     missing_metadata: set[str] = set()
     analysed = _analysed_in_order(
@@ -383,12 +381,16 @@ def compute_spectra(
                         else "; was the folder changed during the run? Rerun the stage"
                     )
                 )
+            if path.stem in seen_ids:
+                rejected.append((relative, f"duplicate recording id {path.stem}"))
+                continue
             if result.digest is not None and result.digest in seen_content:
                 rejected.append((relative, f"identical content to {seen_content[result.digest]}"))
                 continue
             if result.reason is not None:
                 rejected.append((relative, result.reason))
                 continue
+            seen_ids.add(path.stem)
             seen_content[result.digest] = relative
             speaker = match["speaker"].zfill(2)
             folder = path.parent.relative_to(raw_dir).as_posix()
