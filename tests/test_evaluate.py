@@ -29,6 +29,7 @@ from audiomnist_anomalies.evaluate import (
     evaluate_scores,
     precision_at_k,
     purity,
+    flagged_type_recovery,
     type_recovery,
     rank_average,
     sampled_curves,
@@ -197,5 +198,32 @@ def test_type_recovery_separates_distinct_profiles():
     # k-means splits the large clean group first, so 6 clusters leave one per defect type.
     result = type_recovery(errors, labels, dict(settings, n_clusters=6))
 
+    assert result["purity"] == 1.0
+    assert result["adjusted_rand_index"] == 1.0
+
+
+def test_flagged_type_recovery_clusters_only_the_top_scores():
+    rng = np.random.default_rng(9)
+    errors = rng.uniform(0.9, 1.1, size=(200, 40)) * 1e-4
+    labels = [CLEAN] * 200
+    scores = rng.uniform(0, 0.5, size=200)
+    for index in range(0, 12):
+        labels[index] = "hum"
+        errors[index, :4] *= 50
+        scores[index] = 0.9
+    for index in range(12, 24):
+        labels[index] = "noise"
+        errors[index, 30:] *= 50
+        scores[index] = 0.9
+    # One corrupted recording scores low and one clean recording high: the
+    # clean one takes its place among the flagged.
+    scores[23] = 0.1
+    scores[150] = 0.95
+    settings = validate_params(default_params())["cluster"]
+    result = flagged_type_recovery(errors, labels, scores, settings)
+
+    assert result["flagged"] == 24
+    assert result["corrupted_among_flagged"] == 23
+    assert result["n_clusters"] == 2
     assert result["purity"] == 1.0
     assert result["adjusted_rand_index"] == 1.0
