@@ -123,13 +123,16 @@ def test_stage_outputs_and_saved_models(dataset, in_tmp):
     assert sum(row["set"] == "test" for row in rows) == 6
     assert sorted(int(row["reconstruction_error_rank"]) for row in rows) == list(range(1, 61))
     assert metrics["flagged_both"] == sum(row["both_anomaly"] == "true" for row in rows)
-    assert np.load(in_tmp / "data" / "errors.npy").shape == (60, 3401)
+    # Default features: log_tf, 32 frames x 48 bands; errors per band.
+    assert matrix.shape == (60, 32 * 48)
+    assert np.load(in_tmp / "data" / "errors.npy").shape == (60, 48)
     assert np.allclose(
         models.score(matrix)[0],
         [float(row["isolation_forest_score"]) for row in rows],
     )
     assert models.pca.n_components_ == metrics["pca_components"]
-    assert models.scaler is None
+    assert 0.5 <= metrics["pca_variance_explained"] < 1.0
+    assert models.scaler is not None
     assert models.thresholds["isolation_forest"] == pytest.approx(
         metrics["isolation_forest_threshold"], abs=1e-6
     )

@@ -220,8 +220,20 @@ def test_flagged_type_recovery_clusters_only_the_top_scores():
     scores[23] = 0.1
     scores[150] = 0.95
     settings = validate_params(default_params())["cluster"]
-    result = flagged_type_recovery(errors, labels, scores, settings)
+    frequencies = np.linspace(50, 4000, 40)
+    settings["band_edges_hz"] = [0, 250, 1000, 3000]
+    result = flagged_type_recovery(errors, labels, scores, settings, frequencies)
+    names = {
+        next(iter(cluster["labels"])): cluster["name"] for cluster in result["clusters"].values()
+    }
 
+    # Over all 200 recordings a raised column averages (12 x 50 + 188) / 200 =
+    # 3.94 times the base error. The 11 flagged noise recordings raise the
+    # columns above 3,000 Hz 50 times: 50 / 3.94 = 12.7. The 12 hum ones
+    # share their cluster with the clean false alarm: (12 x 50 + 1) / 13 /
+    # 3.94 = 11.7 below 250 Hz.
+    assert names == {"hum": "excess below 250 Hz (11.7x)", "noise": "excess above 3000 Hz (12.7x)"}
+    assert sorted(cluster["size"] for cluster in result["clusters"].values()) == [11, 13]
     assert result["flagged"] == 24
     assert result["corrupted_among_flagged"] == 23
     assert result["n_clusters"] == 2

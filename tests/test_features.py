@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from audiomnist_anomalies.errors import AudioInputError
-from audiomnist_anomalies.features import compute_features, frames, layout
+from audiomnist_anomalies.features import (
+    MAX_GAIN_DB,
+    compute_features,
+    frames,
+    layout,
+    reconstruct_log_signal,
+)
 from audiomnist_anomalies.params import default_params, validate_params
 from synthetic import tone
 
@@ -15,7 +21,8 @@ SAMPLE_RATE = 6800
 
 def settings(kind: str, **changes) -> dict:
     values = validate_params(default_params())["spectra"]
-    values.update(kind=kind, **changes)
+    values.update(kind=kind, sample_rate=SAMPLE_RATE, max_frequency_hz=3200.0)
+    values.update(changes)
     return values
 
 
@@ -77,3 +84,36 @@ def test_per_frequency_averages_frames():
 def test_silence_raises_for_log_kinds():
     with pytest.raises(AudioInputError, match="silent"):
         compute_features(np.zeros(6800), settings("log_bands"))
+
+
+@pytest.mark.parametrize("kind", ["log_bands", "log_tf"])
+def test_exact_reconstruction_gives_the_signal_back(kind):
+    samples = np.random.default_rng(0).standard_normal(SAMPLE_RATE)
+    values = settings(kind)
+    features, _ = compute_features(samples, values)
+
+    assert np.allclose(reconstruct_log_signal(samples, features, features, values), samples, atol=1e-12)
+
+
+def test_reconstruction_turns_down_the_band_it_expects_quieter():
+    samples = np.random.default_rng(1).standard_normal(SAMPLE_RATE)
+    values = settings("log_tf")
+    features, _ = compute_features(samples, values)
+    expected = features.reshape(32, 48).copy()
+    expected[:, 40] -= 20
+    rebuilt = reconstruct_log_signal(samples, features, expected.ravel(), values)
+    change = (compute_features(rebuilt, values)[0] - features).reshape(32, 48)[2:-2]
+
+    # Window leakage from the neighbouring bands limits the drop below 20 dB.
+    assert change[:, 40].mean() < -10
+    assert np.abs(change[:, [10, 20, 30]]).mean() < 0.5
+
+
+def test_reconstruction_gain_is_bounded():
+    samples = np.random.default_rng(2).standard_normal(SAMPLE_RATE)
+    values = settings("log_bands")
+    features, _ = compute_features(samples, values)
+    rebuilt = reconstruct_log_signal(samples, features, features + 300, values)
+
+    # Every band raised by 300 dB is raised by MAX_GAIN_DB only.
+    assert np.abs(rebuilt).max() < np.abs(samples).max() * 10 ** (MAX_GAIN_DB / 20) * 1.01

@@ -105,10 +105,21 @@ def test_profile_with_low_frequency_excess():
     assert description["excess_ratio"] == pytest.approx(10.0)
     assert description["dominant_band_hz"] == [2000.0, 3400.0]
     assert description["peak_frequency_hz"] == 0.0
-    assert profile_name(description, float(reference.mean())) == "excess 0-120 Hz (10.0x)"
+    assert profile_name(description, float(reference.mean())) == "excess below 120 Hz (10.0x)"
 
 
 def test_profile_below_mean_is_typical():
     description = {"mean_error": 0.5, "excess_band_hz": [0.0, 120.0], "excess_ratio": 0.6}
 
     assert profile_name(description, 1.0) == "typical (0.5x mean error)"
+
+
+def test_profile_names_of_the_top_band_and_broadband():
+    frequencies = np.linspace(50, 6648.79, 48)
+    reference = np.ones(48)
+    bands = frequency_bands([0, 120, 250, 500, 1000, 2000, 4000], float(frequencies[-1]))
+    high = describe_profile(np.where(frequencies >= 4000, 4.0, 1.2), reference, frequencies, bands)
+    even = describe_profile(np.full(48, 2.0), reference, frequencies, bands)
+
+    assert profile_name(high, 1.0) == "excess above 4000 Hz (4.0x)"
+    assert profile_name(even, 1.0) == "broadband (2.0x mean error)"

@@ -7,6 +7,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import yaml
 
 from audiomnist_anomalies.outputs import read_csv
 from conftest import PROJECT_ROOT
@@ -27,18 +28,19 @@ def project(tmp_path_factory):
 
 
 def test_every_output_has_right_shape(project):
-    assert np.load(project / "data/spectra.npy").shape == (60, 3401)
-    assert np.load(project / "data/frequencies.npy").shape == (3401,)
-    assert np.load(project / "data/errors.npy").shape == (60, 3401)
+    # log_tf: 32 time frames x 48 bands; errors are averaged over the frames.
+    assert np.load(project / "data/spectra.npy").shape == (60, 32 * 48)
+    assert np.load(project / "data/frequencies.npy").shape == (48,)
+    assert np.load(project / "data/errors.npy").shape == (60, 48)
     assert np.load(project / "data/embedding.npy").shape == (60, 2)
     assert len(read_csv(project / "data/recordings.csv")) == 60
     assert len(read_csv(project / "data/scores.csv")) == 60
     assert len(read_csv(project / "data/clusters.csv")) == 60
     assert len(read_csv(project / "plots/embedding.csv")) == 60
-    assert len(read_csv(project / "plots/error_profiles.csv")) == 10 * 3401
+    assert len(read_csv(project / "plots/error_profiles.csv")) == 10 * 48
     for name in ("embedding.png", "error_map.png", "error_profiles.png"):
         assert (project / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for name in ("isolation_forest.joblib", "pca.joblib", "thresholds.json"):
+    for name in ("isolation_forest.joblib", "pca.joblib", "scaler.joblib", "thresholds.json"):
         assert (project / "data/models" / name).is_file()
 
 
@@ -149,25 +151,41 @@ def test_score_without_models_fails_clearly(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_log_tf_kind_runs_every_stage(project):
-    params = (project / "params.yaml").read_text()
-    changed = params.replace("kind: fft_magnitude", "kind: log_tf").replace(
-        "standardize: false", "standardize: true"
-    )
-    assert changed != params
-    (project / "params.yaml").write_text(changed)
-    try:
-        dvc(project, "repro")
-        index = read_csv(project / "plots/inspect/index.csv")
+ORIGINAL_SETTINGS = (
+    "spectra.kind=fft_magnitude",
+    "spectra.sample_rate=6800",
+    "spectra.max_frequency_hz=3200",
+    "detect.standardize=false",
+    "detect.pca_components=0.99",
+    "cluster.band_edges_hz=[0,120,250,500,1000,2000,3400]",
+)
 
-        assert np.load(project / "data/spectra.npy").shape == (60, 32 * 48)
-        assert np.load(project / "data/errors.npy").shape == (60, 48)
-        assert np.load(project / "data/frequencies.npy").shape == (48,)
-        assert (project / "data/models/scaler.joblib").is_file()
-        assert len(read_csv(project / "plots/error_profiles.csv")) == 10 * 48
-        assert all(row["reconstructed_wav"] == "" for row in index)
-        assert (project / "plots/inspect" / index[0]["original_wav"]).is_file()
+
+def test_readme_line_runs_the_original_analysis(project):
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    for setting in ORIGINAL_SETTINGS:
+        assert f"-S {setting}" in readme or f"-S '{setting}'" in readme
+    arguments = [word for setting in ORIGINAL_SETTINGS for word in ("-S", setting)]
+    # Metrics are not cached, so dvc checkout cannot bring them back: keep them.
+    kept = ["params.yaml", "dvc.lock", *(f"metrics/{path.name}" for path in (project / "metrics").iterdir())]
+    saved = {name: (project / name).read_bytes() for name in kept}
+    try:
+        dvc(project, "exp", "run", *arguments)
+        index = read_csv(project / "plots/inspect/index.csv")
+        params = yaml.safe_load((project / "params.yaml").read_text())
+
+        assert params["spectra"]["kind"] == "fft_magnitude"
+        assert params["cluster"]["band_edges_hz"] == [0, 120, 250, 500, 1000, 2000, 3400]
+        assert np.load(project / "data/spectra.npy").shape == (60, 3401)
+        assert np.load(project / "data/errors.npy").shape == (60, 3401)
+        assert np.load(project / "data/frequencies.npy")[-1] == pytest.approx(3400.0)
+        assert not (project / "data/models/scaler.joblib").exists()
+        assert len(read_csv(project / "plots/error_profiles.csv")) == 10 * 3401
+        assert (project / "plots/inspect" / index[0]["reconstructed_wav"]).read_bytes()[:4] == b"RIFF"
+        assert json.loads((project / "metrics/detect.json").read_text())["pca_variance_explained"] >= 0.99
         assert "Anomaly report" in (project / "report/index.html").read_text()
     finally:
-        (project / "params.yaml").write_text(params)
-        dvc(project, "repro")
+        for name, content in saved.items():
+            (project / name).write_bytes(content)
+        dvc(project, "checkout", "--force")
+    assert json.loads(dvc(project, "status", "--json").stdout) == {}

@@ -39,7 +39,7 @@ def test_every_recording_is_analysed(project):
     assert len(read_csv(project / "data/recordings.csv")) == 3000
     assert len(read_csv(project / "data/scores.csv")) == 3000
     assert len(read_csv(project / "data/clusters.csv")) == 3000
-    assert np.load(project / "data/spectra.npy").shape == (3000, 3401)
+    assert np.load(project / "data/spectra.npy").shape == (3000, 32 * 48)
 
 
 def test_metadata_quirks_are_cleaned(project):
@@ -58,7 +58,7 @@ def test_detectors_flag_contamination_share(project):
     assert metrics["test"] == 300
     assert 250 <= metrics["flagged_isolation_forest"] <= 350
     assert 250 <= metrics["flagged_reconstruction"] <= 350
-    assert 0.99 <= metrics["pca_variance_explained"] < 1.0
+    assert 0.5 <= metrics["pca_variance_explained"] < 0.6
     assert metrics["spearman_isolation_forest_vs_reconstruction"] > 0.3
 
 

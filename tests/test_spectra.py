@@ -97,9 +97,11 @@ def test_stage_writes_outputs(dataset, in_tmp):
     rows = read_csv(in_tmp / "data" / "recordings.csv")
     metrics = json.loads((in_tmp / "metrics" / "data.json").read_text())
 
-    assert "60 recordings x 3401 fft_magnitude features" in summary
-    assert np.load(in_tmp / "data" / "spectra.npy").shape == (60, 3401)
-    assert np.load(in_tmp / "data" / "frequencies.npy")[-1] == pytest.approx(3400)
+    assert "60 recordings x 1536 log_tf features" in summary
+    assert np.load(in_tmp / "data" / "spectra.npy").shape == (60, 32 * 48)
+    # Centre of the top band: the geometric mean of its edges, below 7,000 Hz.
+    top = np.sqrt(7000 * 7000 * (50 / 7000) ** (1 / 48))
+    assert np.load(in_tmp / "data" / "frequencies.npy")[-1] == pytest.approx(top)
     assert len(rows) == 60
     assert metrics["found"] == 61
     assert metrics["used"] == 60

@@ -54,6 +54,9 @@ CV_FOLDS = 5
 # 50 components gave a cross-validated accuracy of 0.744 against 0.735 for 100
 # on the 3,000 real recordings, and the cross-validation took 1.8 s instead of 4.4 s.
 CLASSIFIER_COMPONENTS = 50
+# A cluster above the mean error whose smallest band ratio is at least this
+# share of its largest is named "broadband".
+BROADBAND_EVENNESS = 0.75
 # Width of the moving average applied before dividing profiles, in Hz.
 RATIO_SMOOTHING_HZ = 25.0
 
@@ -205,7 +208,8 @@ def describe_profile(
     dict
         ``dominant_band_hz``: band with the largest share of the profile's
         total error, and that share. ``excess_band_hz``: band where the
-        profile exceeds the reference the most, and the ratio.
+        profile exceeds the reference the most, and the ratio;
+        ``lowest_ratio``, the ratio in the band where it exceeds it least.
         ``peak_frequency_hz``: frequency of the largest error.
     """
     shares, ratios = [], []
@@ -224,6 +228,8 @@ def describe_profile(
         "dominant_band_share": round(shares[dominant], 4),
         "excess_band_hz": [float(bands[excess][0]), float(bands[excess][1])],
         "excess_ratio": round(ratios[excess], 4),
+        "lowest_ratio": round(min(ratios), 4),
+        "excess_is_last_band": excess == len(bands) - 1,
         "peak_frequency_hz": round(float(frequencies[int(np.argmax(profile))]), 3),
         "mean_error": float(profile.mean()),
     }
@@ -233,14 +239,24 @@ def profile_name(description: dict[str, Any], overall_mean_error: float) -> str:
     """Name a cluster from its profile.
 
     A cluster whose mean error is at most the overall mean is "typical".
-    Any other cluster is named by the band where it exceeds the overall
-    profile the most, for example "excess 2000-3400 Hz (3.1x)".
+    One that exceeds the overall profile nearly evenly in every band (the
+    smallest ratio at least `BROADBAND_EVENNESS` of the largest) is
+    "broadband". Any other is named by the band where it exceeds the overall
+    profile the most: "excess below 120 Hz (3.1x)" for the lowest band,
+    "excess above 4000 Hz" for the highest, "excess 500-1000 Hz" between.
     """
     level = description["mean_error"] / overall_mean_error if overall_mean_error > 0 else 0
     if level <= 1.0:
         return f"typical ({level:.1f}x mean error)"
+    ratio = description["excess_ratio"]
+    if description.get("lowest_ratio", 0.0) >= BROADBAND_EVENNESS * ratio:
+        return f"broadband ({level:.1f}x mean error)"
     low, high = description["excess_band_hz"]
-    return f"excess {low:g}-{high:g} Hz ({description['excess_ratio']:.1f}x)"
+    if low == 0:
+        return f"excess below {high:.0f} Hz ({ratio:.1f}x)"
+    if description.get("excess_is_last_band", False):
+        return f"excess above {low:.0f} Hz ({ratio:.1f}x)"
+    return f"excess {low:.0f}-{high:.0f} Hz ({ratio:.1f}x)"
 
 
 def draw_map(embedding: np.ndarray, labels: np.ndarray, names: list[str], title: str):

@@ -244,6 +244,7 @@ def flagged_type_recovery(
     labels: list[str],
     scores: np.ndarray,
     settings: dict[str, Any],
+    frequencies: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Measure type recovery when only the most anomalous recordings are clustered.
 
@@ -253,6 +254,11 @@ def flagged_type_recovery(
     k-means cluster per planted defect type. The adjusted Rand index and the
     purity are measured among the corrupted recordings in that set; the
     clean ones there are the detector's false alarms.
+
+    With ``frequencies`` (Hz of each error column) every cluster is also
+    named from its mean error profile against the mean over all recordings,
+    as the cluster stage names its clusters, and listed with its members'
+    true labels, so the names can be checked against the planted types.
     """
     labels_array = np.array(labels)
     count = int((labels_array != CLEAN).sum())
@@ -273,7 +279,43 @@ def flagged_type_recovery(
         found = clusters[corrupted]
         result["adjusted_rand_index"] = round(float(adjusted_rand_score(truth, found)), 4)
         result["purity"] = round(purity(truth, found), 4)
+    if frequencies is not None:
+        result["clusters"] = named_clusters(
+            errors, top, clusters, list(labels_array[top]), frequencies, settings["band_edges_hz"]
+        )
     return result
+
+
+def named_clusters(
+    errors: np.ndarray,
+    members: np.ndarray,
+    clusters: np.ndarray,
+    truth: list[str],
+    frequencies: np.ndarray,
+    band_edges_hz: list[float],
+) -> dict[str, dict[str, Any]]:
+    """Name each cluster of ``members`` from its mean error profile; list its true labels."""
+    from .cluster import describe_profile, frequency_bands, profile_name
+
+    reference = np.zeros(errors.shape[1])
+    for start in range(0, errors.shape[0], 4096):
+        reference += np.asarray(errors[start : start + 4096], dtype=np.float64).sum(axis=0)
+    reference /= errors.shape[0]
+    bands = frequency_bands(band_edges_hz, float(frequencies[-1]))
+    rows = take_rows(errors, members).astype(np.float64)
+    named = {}
+    for label in np.unique(clusters):
+        inside = clusters == label
+        description = describe_profile(rows[inside].mean(axis=0), reference, frequencies, bands)
+        counts: dict[str, int] = {}
+        for name in np.array(truth)[inside]:
+            counts[str(name)] = counts.get(str(name), 0) + 1
+        named[str(int(label))] = {
+            "name": profile_name(description, float(reference.mean())),
+            "size": int(inside.sum()),
+            "labels": dict(sorted(counts.items(), key=lambda item: (-item[1], item[0]))),
+        }
+    return named
 
 
 def sampled_curves(
@@ -361,7 +403,7 @@ def evaluate(params: dict[str, dict[str, Any]]) -> str:
     is_anomaly = np.array(labels) != CLEAN
     types = type_recovery(detection.errors, labels, params["cluster"], limit)
     types["flagged_only"] = flagged_type_recovery(
-        detection.errors, labels, scores["combined"], params["cluster"]
+        detection.errors, labels, scores["combined"], params["cluster"], columns.frequencies
     )
     roc_rows, pr_rows = sampled_curves(is_anomaly, scores)
 

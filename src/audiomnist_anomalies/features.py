@@ -172,3 +172,79 @@ def recording_features(recording: Recording, settings: dict[str, Any]) -> tuple[
         recording, settings["sample_rate"], settings["duration"], settings["smoothing_window"]
     )
     return compute_features(samples, settings)
+
+
+# Largest change in level that `reconstruct_log_signal` applies to one band of
+# one frame, in dB either way; keeps bands near the floor from exploding.
+MAX_GAIN_DB = 40.0
+
+
+def _band_gains(bins: np.ndarray, edges: np.ndarray, gain_db: np.ndarray) -> np.ndarray:
+    """Spread per-band gains in dB (last axis) onto FFT bins as amplitude factors.
+
+    Bins outside every band keep their level (factor 1).
+    """
+    band = np.searchsorted(edges, bins, side="right") - 1
+    inside = (band >= 0) & (band < edges.shape[0] - 1)
+    factors = np.ones(gain_db.shape[:-1] + bins.shape)
+    clipped = np.clip(gain_db, -MAX_GAIN_DB, MAX_GAIN_DB)
+    factors[..., inside] = 10 ** (clipped[..., band[inside]] / 20)
+    return factors
+
+
+def reconstruct_log_signal(
+    samples: np.ndarray,
+    features: np.ndarray,
+    reconstructed: np.ndarray,
+    settings: dict[str, Any],
+) -> np.ndarray:
+    """Build the waveform that a reconstruction of log-power features describes.
+
+    Each band of the original is scaled by the difference in dB between the
+    reconstructed and the original features, keeping the original phase.
+    For ``log_bands`` the bands are those of the whole-window FFT. For
+    ``log_tf`` they are those of each frame of `frames`, and the frames are
+    added back together and divided by the summed windows. So a band the
+    model expects quieter is turned down, and a signal whose features are
+    reconstructed exactly comes back unchanged.
+
+    Parameters
+    ----------
+    samples : np.ndarray [shape=(n,)]
+        The preprocessed original signal.
+    features, reconstructed : np.ndarray [shape=(n_features,)]
+        The original features and their reconstruction, in dB.
+    settings : dict
+        The validated ``spectra`` section; ``kind`` is a log kind.
+
+    Returns
+    -------
+    np.ndarray [shape=(n,)]
+    """
+    edges = band_edges(settings)
+    sample_rate = settings["sample_rate"]
+    gain_db = np.asarray(reconstructed, dtype=np.float64) - np.asarray(features, dtype=np.float64)
+    if settings["kind"] == "log_bands":
+        spectrum = np.fft.rfft(samples)
+        bins = np.fft.rfftfreq(samples.shape[0], d=1.0 / sample_rate)
+        return np.fft.irfft(spectrum * _band_gains(bins, edges, gain_db), n=samples.shape[0])
+    n_frames = settings["n_frames"]
+    hop = samples.shape[0] // n_frames
+    length = 2 * hop
+    window = np.hanning(length)
+    windows = frames(samples, n_frames)
+    bins = np.fft.rfftfreq(length, d=1.0 / sample_rate)
+    factors = _band_gains(bins, edges, gain_db.reshape(n_frames, -1))
+    changed = np.fft.irfft(np.fft.rfft(windows, axis=1) * factors, n=length, axis=1)
+    total = np.zeros(samples.shape[0] + hop // 2 + length)
+    weight = np.zeros_like(total)
+    for index in range(n_frames):
+        start = index * hop
+        total[start : start + length] += changed[index]
+        weight[start : start + length] += window
+    total, weight = total[hop // 2 : hop // 2 + samples.shape[0]], weight[hop // 2 : hop // 2 + samples.shape[0]]
+    # Samples that no frame covers (the far ends) keep their original value.
+    covered = weight > 1e-3
+    result = samples.astype(np.float64).copy()
+    result[covered] = total[covered] / weight[covered]
+    return result

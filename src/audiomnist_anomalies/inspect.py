@@ -3,10 +3,12 @@
 For the ``inspect.top_n`` recordings with the highest anomaly score, and
 for the recording nearest to the centre of each cluster, the stage draws
 the original and PCA-reconstructed spectrum, their difference, and the
-original and reconstructed waveform. The reconstructed waveform is the
-inverse FFT of the reconstructed magnitude with the original phase,
-rescaled by the recording's normalization factor; the log-power feature
-kinds cannot be inverted, so for them only the original is written. Both waveforms are
+original and reconstructed waveform. For ``fft_magnitude`` the
+reconstructed waveform is the inverse FFT of the reconstructed magnitude
+with the original phase, rescaled by the recording's normalization factor.
+For the log-power kinds each band (of each frame) of the original is
+turned up or down by the reconstruction's difference in dB
+(`features.reconstruct_log_signal`). Both waveforms are
 written as WAV files so that a person can listen to them: figures go to
 ``plots/inspect/figures`` (declared as DVC plots), sound to
 ``plots/inspect/audio``, and ``plots/inspect/index.csv`` lists them all.
@@ -24,7 +26,7 @@ from tqdm import tqdm
 from .audio import preprocess, read_wav, reconstruct_signal
 from .cli import exit_with, run_stage
 from .detect import Models, load_layout, load_models
-from .features import Layout, compute_features
+from .features import Layout, compute_features, reconstruct_log_signal
 from .errors import AudioInputError, PipelineError
 from .outputs import (
     atomic_directory,
@@ -95,7 +97,7 @@ def draw_comparison(
     features: np.ndarray,
     reconstructed_features: np.ndarray,
     samples: np.ndarray,
-    reconstructed_samples: np.ndarray | None,
+    reconstructed_samples: np.ndarray,
     sample_rate: int,
 ):
     """Draw the features, their reconstruction, the difference and the waveforms.
@@ -152,8 +154,7 @@ def draw_comparison(
 
     time = np.arange(samples.shape[0]) / sample_rate
     wave_axis.plot(time, samples, lw=0.6, label="original (preprocessed)")
-    if reconstructed_samples is not None:
-        wave_axis.plot(time, reconstructed_samples, lw=0.6, alpha=0.8, label="reconstruction")
+    wave_axis.plot(time, reconstructed_samples, lw=0.6, alpha=0.8, label="reconstruction")
     wave_axis.set_xlabel("time (s)")
     wave_axis.set_ylabel("amplitude")
     wave_axis.legend(fontsize=8)
@@ -191,10 +192,10 @@ def draw_recording(
     )
     features, scale = compute_features(samples, audio)
     reconstructed = models.reconstruct(spectrum[np.newaxis, :])[0]
-    # Only the FFT magnitude keeps enough of the signal to invert it.
-    reconstructed_samples = None
     if layout.kind == "fft_magnitude":
         reconstructed_samples = reconstruct_signal(samples, reconstructed, scale)
+    else:
+        reconstructed_samples = reconstruct_log_signal(samples, features, reconstructed, audio)
 
     stem = f"{name}_{recording['recording_id']}"
     title = (
@@ -218,15 +219,11 @@ def draw_recording(
     )
     save_figure(figure, folder / "figures" / f"{stem}.png")
     # One gain for both files keeps their loudness comparable and audible.
-    peak = np.abs(samples).max()
-    if reconstructed_samples is not None:
-        peak = max(peak, np.abs(reconstructed_samples).max())
+    peak = max(np.abs(samples).max(), np.abs(reconstructed_samples).max())
     gain = LISTENING_PEAK / peak if peak > 0 else 1.0
     write_wav(folder / "audio" / f"{stem}_original.wav", samples * gain, audio["sample_rate"])
-    reconstructed_name = ""
-    if reconstructed_samples is not None:
-        reconstructed_name = f"audio/{stem}_reconstructed.wav"
-        write_wav(folder / reconstructed_name, reconstructed_samples * gain, audio["sample_rate"])
+    reconstructed_name = f"audio/{stem}_reconstructed.wav"
+    write_wav(folder / reconstructed_name, reconstructed_samples * gain, audio["sample_rate"])
     return (
         name,
         recording["recording_id"],

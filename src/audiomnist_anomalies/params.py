@@ -210,7 +210,7 @@ SCHEMA: dict[str, dict[str, Spec]] = {
     },
     "spectra": {
         "sample_rate": Spec(
-            int, _int_range(100, 192_000), 6800, "analysis sample rate in Hz"
+            int, _int_range(100, 192_000), 16_000, "analysis sample rate in Hz"
         ),
         "duration": Spec(
             float,
@@ -227,14 +227,14 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "kind": Spec(
             str,
             _choice("fft_magnitude", "log_bands", "log_tf"),
-            "fft_magnitude",
+            "log_tf",
             "feature kind",
         ),
         "n_bands": Spec(int, _int_range(2, 1000), 48, "log-spaced bands of the log kinds"),
         "n_frames": Spec(int, _int_range(1, 1000), 32, "time frames of log_tf"),
         "min_frequency_hz": Spec(float, _positive_number, 50.0, "lowest band edge in Hz"),
         "max_frequency_hz": Spec(
-            float, _positive_number, 3200.0, "highest band edge in Hz, at most half the sample rate"
+            float, _positive_number, 7000.0, "highest band edge in Hz, at most half the sample rate"
         ),
         "floor_db": Spec(
             float, _float_open_closed(-200, 0, low_open=False, high_open=True), -100.0,
@@ -268,13 +268,13 @@ SCHEMA: dict[str, dict[str, Spec]] = {
             "expected fraction of anomalies, used for the flags",
         ),
         "pca_components": Spec(
-            (int, float), _pca_components, 0.99, "variance fraction or count"
+            (int, float), _pca_components, 0.5, "variance fraction or count"
         ),
         "n_estimators": Spec(
             int, _int_range(1, 10_000), 100, "Isolation Forest trees"
         ),
         "standardize": Spec(
-            bool, _boolean, False, "scale each feature by its training mean and spread"
+            bool, _boolean, True, "scale each feature by its training mean and spread"
         ),
         "reconstruction": Spec(
             str, _choice("pca", "autoencoder"), "pca", "reconstruction model"
@@ -309,7 +309,7 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "band_edges_hz": Spec(
             list,
             _band_edges,
-            [0, 120, 250, 500, 1000, 2000, 3400],
+            [0, 120, 250, 500, 1000, 2000, 4000],
             "frequency bands for naming each error profile",
         ),
     },
