@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 
 import numpy as np
@@ -261,3 +262,45 @@ def test_take_rows_reads_the_same_rows_from_a_memory_map(tmp_path):
     assert not isinstance(rows, np.memmap)
     assert np.array_equal(rows, matrix[indices])
     assert np.array_equal(take_rows(matrix, indices), matrix[indices])
+
+
+def _square_or_fail(value: int) -> int:
+    if value == 7:
+        raise ValueError("seven")
+    return value * value
+
+
+def _blas_threads(_: int) -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
+def test_ordered_map_keeps_order_across_workers():
+    from audiomnist_anomalies.parallel import ordered_map
+
+    assert list(ordered_map(_square_or_fail, [(value,) for value in range(6)], 2)) == [0, 1, 4, 9, 16, 25]
+    assert list(ordered_map(_square_or_fail, [(value,) for value in range(3)], 1)) == [0, 1, 4]
+
+
+def test_worker_count_of_n_jobs():
+    from audiomnist_anomalies.parallel import worker_count
+
+    assert worker_count(1) == 1
+    assert worker_count(3) == 3
+    assert worker_count(-1) == (os.cpu_count() or 1)
+
+
+def test_ordered_map_raises_worker_error():
+    from audiomnist_anomalies.parallel import ordered_map
+
+    with pytest.raises(ValueError, match="seven"):
+        list(ordered_map(_square_or_fail, [(value,) for value in range(10)], 2))
+
+
+def test_ordered_map_workers_use_one_blas_thread():
+    from audiomnist_anomalies.parallel import ordered_map
+
+    counts = list(ordered_map(_blas_threads, [(value,) for value in range(4)], 2))
+
+    assert all(count == [1] * len(count) and count for count in counts)

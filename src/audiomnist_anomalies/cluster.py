@@ -24,6 +24,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.metrics import silhouette_score
+from threadpoolctl import threadpool_limits
 
 from .cli import exit_with, run_stage
 from .errors import PipelineError
@@ -160,14 +161,14 @@ def fit_classifier(
     )
     accuracy = None
     counts = np.bincount(labels)
-    if len(counts[counts > 0]) > 1 and counts[counts > 0].min() >= CV_FOLDS:
-        folds = StratifiedKFold(n_splits=CV_FOLDS, shuffle=True, random_state=random_state)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            scores = cross_val_score(classifier, features, labels, cv=folds, n_jobs=-1)
-            accuracy = round(float(scores.mean()), 4)
-    with warnings.catch_warnings():
+    # The matrices are small: with one BLAS thread the fits run over ten
+    # times faster on 2 cores than with threads that wait on each other.
+    with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
         warnings.simplefilter("ignore", ConvergenceWarning)
+        if len(counts[counts > 0]) > 1 and counts[counts > 0].min() >= CV_FOLDS:
+            folds = StratifiedKFold(n_splits=CV_FOLDS, shuffle=True, random_state=random_state)
+            scores = cross_val_score(classifier, features, labels, cv=folds)
+            accuracy = round(float(scores.mean()), 4)
         classifier.fit(features, labels)
     return classifier, accuracy
 

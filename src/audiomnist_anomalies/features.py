@@ -85,21 +85,41 @@ def layout(settings: dict[str, Any], length: int) -> Layout:
     return Layout(kind, centres, settings["n_frames"] if kind == "log_tf" else 1)
 
 
+def _pooling_matrix(bin_frequencies: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Return the (n_bins, n_bands) matrix that averages FFT bin powers into bands.
+
+    A band narrower than the bin spacing takes the bin nearest to its centre.
+    """
+    key = (bin_frequencies.tobytes(), edges.tobytes())
+    matrix = _POOLING_CACHE.get(key)
+    if matrix is not None:
+        return matrix
+    centres = np.sqrt(edges[:-1] * edges[1:])
+    band = np.searchsorted(edges, bin_frequencies, side="right") - 1
+    matrix = np.zeros((bin_frequencies.shape[0], centres.shape[0]))
+    for index, centre in enumerate(centres):
+        inside = np.flatnonzero(band == index)
+        if inside.size:
+            matrix[inside, index] = 1.0 / inside.size
+        else:
+            matrix[int(np.argmin(np.abs(bin_frequencies - centre))), index] = 1.0
+    if len(_POOLING_CACHE) >= 8:
+        _POOLING_CACHE.clear()
+    _POOLING_CACHE[key] = matrix
+    return matrix
+
+
+# Pooling matrices by (bin frequencies, band edges): every recording of a run
+# has the same ones, so each is built once per process.
+_POOLING_CACHE: dict[tuple[bytes, bytes], np.ndarray] = {}
+
+
 def _pool_bands(power: np.ndarray, bin_frequencies: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """Average power over the FFT bins in each band (last axis).
 
     A band narrower than the bin spacing takes the bin nearest to its centre.
     """
-    centres = np.sqrt(edges[:-1] * edges[1:])
-    band = np.searchsorted(edges, bin_frequencies, side="right") - 1
-    pooled = np.empty(power.shape[:-1] + (centres.shape[0],))
-    for index, centre in enumerate(centres):
-        inside = band == index
-        if inside.any():
-            pooled[..., index] = power[..., inside].mean(axis=-1)
-        else:
-            pooled[..., index] = power[..., int(np.argmin(np.abs(bin_frequencies - centre)))]
-    return pooled
+    return power @ _pooling_matrix(bin_frequencies, edges)
 
 
 def _decibels_of_total(power: np.ndarray, floor_db: float) -> tuple[np.ndarray, float]:

@@ -211,10 +211,10 @@ def _analysed_in_order(
     elif n_jobs == 1 or len(paths) < MIN_PARALLEL_FILES:
         results = (analyse_files(chunk, feature_settings) for chunk in chunks)
     else:
-        from joblib import Parallel, delayed
+        from .parallel import ordered_map
 
-        results = Parallel(n_jobs=n_jobs, return_as="generator")(
-            delayed(analyse_files)(chunk, feature_settings) for chunk in chunks
+        results = ordered_map(
+            analyse_files, ((chunk, feature_settings) for chunk in chunks), n_jobs
         )
     for chunk_results in results:
         yield from chunk_results
