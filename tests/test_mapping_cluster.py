@@ -8,6 +8,7 @@ import pytest
 from audiomnist_anomalies.cluster import (
     cluster_map,
     describe_profile,
+    draw_profiles,
     error_profiles,
     frequency_bands,
     profile_name,
@@ -123,3 +124,34 @@ def test_profile_names_of_the_top_band_and_broadband():
 
     assert profile_name(high, 1.0) == "excess above 4000 Hz (4.0x)"
     assert profile_name(even, 1.0) == "broadband (2.0x mean error)"
+
+
+def test_band_profiles_drawn_unsmoothed_on_log_axis():
+    from audiomnist_anomalies.plotting import plt
+
+    centres = np.geomspace(53, 6649, 48)
+    profiles = np.ones((2, 48))
+    profiles[1, 3] = 10.0
+    figure = draw_profiles(profiles, np.ones(48), centres, ["a", "b"])
+    ratio = figure.axes[1].get_lines()[1].get_ydata()
+
+    assert figure.axes[1].get_xscale() == "log"
+    # One band ten times the mean stays one band: no smoothing across bands.
+    assert ratio[3] == pytest.approx(10.0)
+    assert ratio[2] == pytest.approx(1.0)
+    plt.close(figure)
+
+
+def test_fft_profiles_drawn_smoothed_on_linear_axis():
+    from audiomnist_anomalies.plotting import plt
+
+    frequencies = np.arange(0, 3401, dtype=float)
+    profiles = np.ones((2, 3401))
+    profiles[1, 1000] = 26.0
+    figure = draw_profiles(profiles, np.ones(3401), frequencies, ["a", "b"])
+    ratio = figure.axes[1].get_lines()[1].get_ydata()
+
+    assert figure.axes[1].get_xscale() == "linear"
+    # A 25-bin moving average spreads the peak: (26 + 24) / 25 = 2.
+    assert ratio[1000] == pytest.approx(2.0)
+    plt.close(figure)

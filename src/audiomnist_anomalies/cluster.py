@@ -297,15 +297,21 @@ def draw_profiles(
 
     The top panel shows the mean squared error per frequency on a log scale.
     The bottom panel divides each profile by the mean over all recordings,
-    smoothed over about 25 Hz, so the bands that set a cluster apart stand out.
+    so the bands that set a cluster apart stand out. FFT frequencies, evenly
+    spaced, are smoothed over about 25 Hz first. Log-spaced band centres are
+    drawn on a log frequency axis and not smoothed, since each band already
+    averages many FFT bins.
     """
     from .plotting import plt
 
     figure, axes = plt.subplots(2, 1, figsize=(10, 8), sharex=True)
     colours = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
     floor = np.finfo(np.float32).tiny
-    step = float(frequencies[1] - frequencies[0]) if frequencies.size > 1 else 1.0
-    width = max(1, int(round(RATIO_SMOOTHING_HZ / step)))
+    steps = np.diff(frequencies)
+    evenly_spaced = steps.size == 0 or np.allclose(steps, steps[0], rtol=1e-6)
+    width = 1
+    if evenly_spaced and steps.size:
+        width = max(1, int(round(RATIO_SMOOTHING_HZ / float(steps[0]))))
     kernel = np.ones(width) / width
     smoothed_reference = np.convolve(reference, kernel, mode="same")
     for label, name in enumerate(names):
@@ -329,6 +335,8 @@ def draw_profiles(
     axes[1].axhline(1.0, color="black", lw=0.6)
     axes[1].set_xlabel("frequency (Hz)")
     axes[1].set_ylabel("ratio to the mean over all recordings")
+    if not evenly_spaced:
+        axes[1].set_xscale("log")
     figure.tight_layout()
     return figure
 
