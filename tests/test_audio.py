@@ -8,6 +8,7 @@ from scipy.io import wavfile
 from sklearn.decomposition import PCA
 
 from audiomnist_anomalies.audio import (
+    Recording,
     fit_length,
     frequency_axis,
     magnitude_spectrum,
@@ -177,3 +178,21 @@ def test_cached_filter_matches_scipy_default(source_rate):
         resample(samples, source_rate, 6800),
         resample_poly(samples, 6800 // divisor, source_rate // divisor),
     )
+
+
+@pytest.mark.parametrize("rate", [1, 800, 3999])
+def test_speech_needs_4000_hz(tmp_path, rate):
+    path = write_wav(tmp_path / "low.wav", np.sin(np.arange(4 * rate) * 0.3), sample_rate=rate)
+
+    with pytest.raises(AudioInputError, match=f"sample rate {rate} Hz is below 4000 Hz"):
+        read_wav(path)
+
+
+@pytest.mark.parametrize("source_rate, target_rate", [(48000, 16000), (48000, 6800), (44100, 16000), (8000, 16000)])
+def test_long_recording_resamples_only_kept_start(source_rate, target_rate):
+    samples = np.random.default_rng(3).standard_normal(int(source_rate * 7.3))
+    recording = Recording(samples, source_rate, 1, "pcm16")
+    whole = moving_average(fit_length(resample(samples, source_rate, target_rate), target_rate), 5)
+
+    # Trimming before resampling keeps every sample of the window identical.
+    assert np.array_equal(preprocess(recording, target_rate, 1.0, 5), whole)

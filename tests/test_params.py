@@ -167,3 +167,12 @@ def test_missing_input_gives_one_line(tmp_path, stage):
     assert "not found" in result.stderr
     assert "dvc repro" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("key", ["low_pass_hz", "high_pass_hz"])
+def test_filter_cut_off_below_lowest_nyquist(key):
+    params = default_params()
+    params["evaluate"][key] = 2000.0
+
+    with pytest.raises(ParameterError, match=f"evaluate.{key}"):
+        validate_params(params)

@@ -136,6 +136,38 @@ def test_score_matches_pipeline_and_rejects(project, tmp_path):
     assert rows[1]["reason"] == "not a WAV file (no RIFF/WAVE header)"
 
 
+def test_score_uses_fitted_settings_not_current_params(project, tmp_path):
+    changed = yaml.safe_load((project / "params.yaml").read_text())
+    changed["spectra"]["smoothing_window"] = 9
+    changed["spectra"]["n_bands"] = 40
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
+    out = tmp_path / "scores.csv"
+    result = run(
+        [str(BIN / "python"), "-m", "audiomnist_anomalies.score", "data/raw/02/6_02_1.wav",
+         "--params", str(tmp_path / "changed.yaml"), "--out", str(out)],
+        project,
+    )
+    pipeline = {row["recording_id"]: row for row in read_csv(project / "data/scores.csv")}
+
+    assert "spectra.n_bands, spectra.smoothing_window" in result.stderr
+    assert float(read_csv(out)[0]["reconstruction_error"]) == pytest.approx(
+        float(pipeline["6_02_1"]["reconstruction_error"]), rel=1e-5
+    )
+
+
+def test_score_refuses_to_overwrite_an_input(project):
+    recording = project / "data/raw/02/6_02_1.wav"
+    before = recording.read_bytes()
+    result = subprocess.run(
+        [str(BIN / "python"), "-m", "audiomnist_anomalies.score", str(recording), "--out", str(recording)],
+        cwd=project, capture_output=True, text=True, timeout=120,
+    )
+
+    assert result.returncode == 2
+    assert "is one of the files to score" in result.stderr
+    assert recording.read_bytes() == before
+
+
 def test_score_without_models_fails_clearly(tmp_path):
     (tmp_path / "params.yaml").write_text((PROJECT_ROOT / "params.yaml").read_text())
     result = subprocess.run(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -296,6 +297,31 @@ def test_ordered_map_raises_worker_error():
 
     with pytest.raises(ValueError, match="seven"):
         list(ordered_map(_square_or_fail, [(value,) for value in range(10)], 2))
+
+
+def _die_on_three(value: int) -> int:
+    if value == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return value
+
+
+def test_ordered_map_reports_a_killed_worker():
+    from audiomnist_anomalies.parallel import ordered_map
+
+    with pytest.raises(PipelineError, match="worker process of _die_on_three ended unexpectedly"):
+        list(ordered_map(_die_on_three, [(value,) for value in range(8)], 2))
+
+
+def _signal_handlers(_: int) -> tuple:
+    return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+
+def test_ordered_map_workers_leave_signals_to_the_stage():
+    from audiomnist_anomalies.parallel import ordered_map
+
+    handlers = list(ordered_map(_signal_handlers, [(value,) for value in range(4)], 2))
+
+    assert set(handlers) == {(signal.SIG_IGN, signal.SIG_DFL)}
 
 
 def test_ordered_map_workers_use_one_blas_thread():

@@ -21,6 +21,7 @@ from audiomnist_anomalies.inspect import inspect
 from audiomnist_anomalies.outputs import atomic_directory, atomic_path, read_csv, write_text
 from audiomnist_anomalies.params import default_params, validate_params
 from audiomnist_anomalies.spectra import spectra
+from conftest import PROJECT_ROOT
 from project import BIN, dvc, locked_outputs, make_project
 from synthetic import make_dataset
 
@@ -168,3 +169,23 @@ def test_killed_repro_then_rerun(tmp_path, marker):
     assert json.loads(dvc(project, "status", "--json").stdout) == {}
     assert len(read_csv(project / "data/clusters.csv")) == 60
     assert "plots/inspect" in locked_outputs(project)
+
+
+def test_termination_request_removes_temporary_output(tmp_path, capfd):
+    from audiomnist_anomalies.cli import run_stage
+
+    (tmp_path / "params.yaml").write_text((PROJECT_ROOT / "params.yaml").read_text())
+    target = tmp_path / "out.npy"
+
+    def work(params, options):
+        with atomic_path(target) as temporary:
+            temporary.write_bytes(b"partial")
+            os.kill(os.getpid(), signal.SIGTERM)
+        return "not reached"
+
+    status = run_stage("demo", "demo stage", work, ["--params", str(tmp_path / "params.yaml")])
+
+    assert status == 130
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["params.yaml"]
+    assert "demo interrupted; no partial outputs were kept" in capfd.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

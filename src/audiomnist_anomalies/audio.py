@@ -21,6 +21,10 @@ from scipy import signal as scipy_signal
 
 from .errors import AudioInputError
 
+# Lowest sample rate a recording may have: speech needs at least the band up
+# to 2 kHz, and the defects of the evaluate stage filter up to 2 kHz.
+MIN_SAMPLE_RATE = 4000
+
 FORMAT_PCM = 0x0001
 FORMAT_IEEE_FLOAT = 0x0003
 FORMAT_EXTENSIBLE = 0xFFFE
@@ -135,8 +139,11 @@ def parse_wav(content: bytes) -> tuple[int, np.ndarray, str]:
         )
     if channels < 1:
         raise AudioInputError("invalid WAV file: 0 channels")
-    if sample_rate < 1:
-        raise AudioInputError("invalid WAV file: sample rate 0 Hz")
+    if sample_rate < MIN_SAMPLE_RATE:
+        raise AudioInputError(
+            f"sample rate {sample_rate} Hz is below {MIN_SAMPLE_RATE} Hz, too low for "
+            "speech; record or export the file at a speech sample rate such as 16000 Hz"
+        )
     frame_bytes = channels * bits // 8
     if block_align != frame_bytes:
         raise AudioInputError(
@@ -291,9 +298,23 @@ def preprocess(
     np.ndarray [shape=(round(sample_rate * duration),), dtype=float64]
         The signal whose FFT is the recording's spectrum.
     """
-    samples = resample(recording.samples, recording.sample_rate, sample_rate)
+    # Only the start of a long recording is kept, so only that part (and the
+    # filter's reach beyond it) is resampled: the kept samples are the same.
+    needed = math.ceil(duration * recording.sample_rate) + _filter_reach(
+        recording.sample_rate, sample_rate
+    )
+    samples = resample(recording.samples[:needed], recording.sample_rate, sample_rate)
     samples = fit_length(samples, window_length(sample_rate, duration))
     return moving_average(samples, smoothing_window)
+
+
+def _filter_reach(source_rate: int, target_rate: int) -> int:
+    """Return how many input samples the resampling filter reaches past an output sample."""
+    if source_rate == target_rate:
+        return 0
+    divisor = math.gcd(source_rate, target_rate)
+    up, down = target_rate // divisor, source_rate // divisor
+    return math.ceil(10 * max(up, down) / up) + 1
 
 
 def magnitude_spectrum(samples: np.ndarray) -> tuple[np.ndarray, float]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Any, Callable
@@ -92,6 +93,9 @@ def run_stage(
     options = parser.parse_args(argv)
     configure_logging(options.debug or bool(os.environ.get("AUDIOMNIST_DEBUG")))
     started = time.perf_counter()
+    # A termination request (kill, timeout, a cancelled job) unwinds like
+    # Ctrl-C, so temporary outputs are removed and worker processes stopped.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         params = load_params(options.params)
         summary = work(params, options)
@@ -118,8 +122,14 @@ def run_stage(
     except KeyboardInterrupt:
         log.error("%s interrupted; no partial outputs were kept", stage)
         return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     log.info("%s done in %.1f s: %s", stage, time.perf_counter() - started, summary)
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def exit_with(status: int) -> None:

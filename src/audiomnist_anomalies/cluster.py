@@ -63,9 +63,12 @@ RATIO_SMOOTHING_HZ = 25.0
 
 
 def cluster_map(
-    embedding: np.ndarray, n_clusters: int, random_state: int
+    embedding: np.ndarray, n_clusters: int, random_state: int, stage: str = "cluster"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cluster map coordinates with k-means.
+
+    ``stage`` names the stage in the warning about empty clusters; only the
+    cluster stage takes its count from ``cluster.n_clusters``.
 
     Returns
     -------
@@ -80,9 +83,11 @@ def cluster_map(
         labels = model.fit_predict(embedding.astype(np.float64))
     if any(issubclass(warning.category, ConvergenceWarning) for warning in caught):
         log.warning(
-            "cluster: the map has fewer distinct points than cluster.n_clusters = %d, "
-            "so some clusters are empty; lower cluster.n_clusters",
+            "%s: the map has fewer distinct points than the %d clusters asked for, "
+            "so some clusters are empty%s",
+            stage,
             n_clusters,
+            "; lower cluster.n_clusters" if stage == "cluster" else "",
         )
     distances = np.linalg.norm(embedding - model.cluster_centers_[labels], axis=1)
     # Renumber so cluster 0 is the largest; ties keep k-means order.
@@ -380,7 +385,8 @@ def cluster(params: dict[str, dict[str, Any]]) -> str:
     dropped = [edge for edge in settings["band_edges_hz"] if edge > frequencies[-1] + 1e-6]
     if dropped:
         log.warning(
-            "cluster.band_edges_hz: %s lie above the Nyquist frequency %.0f Hz and "
+            "cluster.band_edges_hz: %s lie above the error profile's highest "
+            "frequency %.0f Hz and "
             "are ignored",
             dropped,
             frequencies[-1],
@@ -454,7 +460,8 @@ def cluster(params: dict[str, dict[str, Any]]) -> str:
     )
     return (
         f"{n_clusters} clusters of sizes {', '.join(str(int(size)) for size in sizes)}; "
-        f"silhouette {silhouette}; classifier cross-validated accuracy {accuracy}"
+        f"silhouette {silhouette}; classifier cross-validated accuracy "
+        + (f"{accuracy}" if accuracy is not None else "not measured (a cluster has fewer than 5 members)")
     )
 
 

@@ -204,7 +204,7 @@ def map_and_cluster(
         parameter_prefix="cluster",
         max_fit=max_fit,
     )
-    return cluster_map(embedding, n_clusters, settings["random_state"])[0]
+    return cluster_map(embedding, n_clusters, settings["random_state"], stage="evaluate")[0]
 
 
 def type_recovery(

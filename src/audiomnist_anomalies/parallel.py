@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterable, Iterator
+
+from .errors import PipelineError
 
 
 def worker_count(n_jobs: int) -> int:
@@ -28,6 +33,11 @@ def ordered_map(
 
     Results are yielded as they are ready, so a caller can stream them to a
     file. An exception in a worker is raised here, in the caller.
+
+    Raises
+    ------
+    PipelineError
+        If a worker process dies, for example killed for lack of memory.
     """
     items = list(arguments)
     processes = min(worker_count(n_jobs), len(items))
@@ -42,22 +52,33 @@ def ordered_map(
             delayed(function)(*item) for item in items
         )
         return
-    context = multiprocessing.get_context("fork")
-    with context.Pool(processes, initializer=_one_thread_each) as pool:
-        yield from pool.imap(_call, [(function, item) for item in items])
+    executor = ProcessPoolExecutor(
+        processes, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker
+    )
+    try:
+        for future in [executor.submit(function, *item) for item in items]:
+            yield future.result()
+    except BrokenProcessPool:
+        raise PipelineError(
+            f"a worker process of {function.__name__} ended unexpectedly, for example "
+            "killed for lack of memory; run again with compute.n_jobs: 1 to see which "
+            "file causes it"
+        ) from None
+    finally:
+        # On an error or an interrupt, drop the queued work instead of finishing it.
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _one_thread_each() -> None:
-    """Limit a worker's BLAS and OpenMP threads to one.
+def _start_worker() -> None:
+    """Prepare a worker: one BLAS and OpenMP thread, and Ctrl-C left to the parent.
 
-    Without this every worker runs as many threads as there are cores, and
-    the workers slow each other down.
+    With as many threads as cores in every worker, the workers slow each other
+    down. The parent handles Ctrl-C and stops the workers, so they ignore it
+    instead of each printing a traceback.
     """
     from threadpoolctl import threadpool_limits
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The stage turns SIGTERM into an interrupt; a worker just ends.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     threadpool_limits(1)
-
-
-def _call(task: tuple[Callable[..., Any], tuple]) -> Any:
-    function, item = task
-    return function(*item)

@@ -328,8 +328,10 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "clipping_level": Spec(
             float, _float_open_closed(0, 1, high_open=True), 0.1, "clip level / peak"
         ),
-        "low_pass_hz": Spec(float, _positive_number, 500.0, "cut-off in Hz"),
-        "high_pass_hz": Spec(float, _positive_number, 1500.0, "cut-off in Hz"),
+        # Below half of the lowest sample rate a recording may have (4000 Hz),
+        # so the filter is defined for every recording.
+        "low_pass_hz": Spec(float, _float_open_closed(0, 2000, high_open=True), 500.0, "cut-off in Hz"),
+        "high_pass_hz": Spec(float, _float_open_closed(0, 2000, high_open=True), 1500.0, "cut-off in Hz"),
         "cut_off_keep": Spec(
             float, _float_open_closed(0, 1, high_open=True), 0.4, "share kept"
         ),

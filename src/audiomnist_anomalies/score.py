@@ -1,7 +1,7 @@
 """Score new recordings with the models that the pipeline saved.
 
-For each WAV file this command computes the spectrum exactly as the spectra
-stage does and scores it with the saved Isolation Forest and PCA. The saved
+For each WAV file this command computes the features exactly as the spectra
+stage did, with the settings it kept in ``data/features.json``, and scores it with the saved Isolation Forest and PCA. The saved
 thresholds set its flags. The classifier that the cluster stage trained on
 its clusters assigns it a cluster from its per-frequency error profile, and
 ``classifier_cv_accuracy`` in ``metrics/cluster.json`` gives how often that
@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from .audio import read_wav
 from .cli import EXIT_USER_ERROR, configure_logging, exit_with
-from .detect import load_layout, load_models
+from .detect import FEATURES_PATH, load_layout, load_models
 from .features import recording_features
 from .errors import AudioInputError, ParameterError, PipelineError
 from .outputs import format_value, read_csv, write_csv
@@ -86,6 +86,29 @@ def nearest_cluster(errors: np.ndarray, profiles: np.ndarray) -> int:
     return int(np.argmin(np.linalg.norm(profiles - errors, axis=1)))
 
 
+def fitted_settings(params: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Return the ``spectra`` settings the saved models were fitted with.
+
+    They come from ``data/features.json``. A warning names the keys where
+    ``params`` differs, because the saved models fit only their own settings.
+    """
+    description = json.loads(FEATURES_PATH.read_text(encoding="utf-8"))
+    settings = description.get("settings")
+    if settings is None:
+        raise PipelineError(
+            f"{FEATURES_PATH} does not record the spectra settings; rerun the "
+            "pipeline (dvc repro --force spectra) to refresh it"
+        )
+    changed = sorted(key for key, value in params["spectra"].items() if settings.get(key) != value)
+    if changed:
+        log.warning(
+            "score: params.yaml has other spectra settings (%s) than the saved models "
+            "were fitted with; scoring with the fitted ones. Run dvc repro to refit.",
+            ", ".join(f"spectra.{key}" for key in changed),
+        )
+    return settings
+
+
 def score_files(paths: list[Path], params: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Score each file; unreadable files get ``status`` "rejected" and a reason."""
     models = load_models(MODELS_DIR)
@@ -97,7 +120,7 @@ def score_files(paths: list[Path], params: dict[str, dict[str, Any]]) -> list[di
         for label, cluster in json.loads(CLUSTER_METRICS_PATH.read_text())["clusters"].items()
     }
     classifier = joblib.load(CLASSIFIER_PATH) if CLASSIFIER_PATH.exists() else None
-    settings = params["spectra"]
+    settings = fitted_settings(params)
     rows = []
     for path in tqdm(paths, desc="score", unit="file", disable=None):
         row: dict[str, Any] = {column: None for column in COLUMNS}
@@ -142,8 +165,10 @@ def make_parser() -> argparse.ArgumentParser:
             "Score WAV files with the models saved by 'dvc repro' (run from the "
             "project root). Prints one CSV row per file: Isolation Forest anomaly "
             "score (dimensionless, higher is more anomalous), PCA reconstruction "
-            "error (mean squared error of the spectrum normalized to maximum 1), "
-            "both anomaly flags, and the nearest error-profile cluster with its name."
+            "error (mean squared error of the features, standardized when "
+            "detect.standardize is on), both anomaly flags, and the error-profile "
+            "cluster with its name. The features are computed with the spectra "
+            "settings the models were fitted with."
         ),
     )
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE", help="WAV files to score")
@@ -157,9 +182,8 @@ def make_parser() -> argparse.ArgumentParser:
         "--params",
         default="params.yaml",
         metavar="FILE",
-        help="parameter file whose spectra settings (sample rate in Hz, duration "
-        "in seconds, smoothing window in samples) the models were fitted with "
-        "(default: params.yaml)",
+        help="parameter file to check: a warning names any spectra setting that "
+        "differs from the ones the models were fitted with (default: params.yaml)",
     )
     parser.add_argument(
         "--debug", action="store_true", help="show debug logs and tracebacks"
@@ -176,13 +200,19 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(options.params)
         missing = [
             str(path)
-            for path in (MODELS_DIR, PROFILES_PATH, CLUSTER_METRICS_PATH, FREQUENCIES_PATH)
+            for path in (MODELS_DIR, PROFILES_PATH, CLUSTER_METRICS_PATH, FREQUENCIES_PATH, FEATURES_PATH)
             if not path.exists()
         ]
         if missing:
             raise ParameterError(
                 f"pipeline outputs not found: {', '.join(missing)}. Run 'dvc repro' "
                 "(or 'dvc pull') in the project root first."
+            )
+        inputs = {path.resolve() for path in options.files}
+        if options.out is not None and options.out.resolve() in inputs:
+            raise ParameterError(
+                f"--out {options.out} is one of the files to score; choose another "
+                "file name for the CSV"
             )
         log.info("score: %d files", len(options.files))
         rows = score_files(options.files, params)

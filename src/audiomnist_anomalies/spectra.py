@@ -458,14 +458,15 @@ def _reason_kind(reason: str) -> str:
     return re.split(r" \(|:", reason, maxsplit=1)[0]
 
 
-def write_outputs(result: SpectraResult) -> None:
+def write_outputs(result: SpectraResult, settings: dict[str, Any]) -> None:
     """Write the spectra stage outputs atomically.
 
     The spectra themselves are written while they are computed (see
-    `compute_spectra`).
+    `compute_spectra`). ``data/features.json`` also keeps the ``spectra``
+    settings, so that new recordings can be scored with the same ones.
     """
     write_npy(FREQUENCIES_PATH, result.frequencies)
-    write_json(FEATURES_PATH, result.layout.to_json())
+    write_json(FEATURES_PATH, {**result.layout.to_json(), "settings": settings})
     write_csv(
         RECORDINGS_PATH,
         RECORDING_COLUMNS,
@@ -529,7 +530,7 @@ def spectra(params: dict[str, dict[str, Any]]) -> str:
             f"no usable recordings in {RAW_DIR}: all {len(result.rejected)} files were "
             f"rejected; see the warnings above"
         )
-    write_outputs(result)
+    write_outputs(result, params["spectra"])
     return (
         f"{len(result.recordings)} recordings x {result.spectra.shape[1]} {settings['kind']} "
         "features, "
@@ -541,8 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point of the spectra stage."""
     return run_stage(
         "spectra",
-        "Compute the features (by default the normalized FFT magnitude spectrum) of "
-        "every recording in data/raw.",
+        "Compute the features (spectra.kind: log-power bands over time frames by "
+        "default) of every recording in data/raw.",
         lambda params, options: spectra(params),
         argv,
     )
