@@ -189,3 +189,21 @@ def test_termination_request_removes_temporary_output(tmp_path, capfd):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["params.yaml"]
     assert "demo interrupted; no partial outputs were kept" in capfd.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_evaluate_warns_when_set_too_small(tmp_path, monkeypatch, caplog):
+    from audiomnist_anomalies.evaluate import evaluate
+
+    source = make_dataset(tmp_path / "source", speakers=2, repetitions=15, anomalies=False)
+    monkeypatch.chdir(tmp_path)
+    params = default_params()
+    params["data"]["source"] = str(source)
+    params = validate_params(params)
+    fetch(params)
+    spectra(params)
+    with caplog.at_level("WARNING", logger="audiomnist_anomalies.evaluate"):
+        evaluate(params)
+
+    # 11 defect types need 11 of the 30 recordings: 37%, not 5%.
+    assert "11 of the 30 recordings are corrupted (37%, evaluate.fraction is 0.05)" in caplog.text
+    assert json.loads((tmp_path / "metrics/evaluate.json").read_text())["corrupted"] == 11

@@ -368,12 +368,24 @@ def evaluate(params: dict[str, dict[str, Any]]) -> str:
     labels = assign_defects(
         len(rows), settings["fraction"], settings["defects"], settings["random_state"]
     )
+    corrupted_count = sum(label != CLEAN for label in labels)
     log.info(
         "evaluate: %d recordings, %d corrupted with %d defect types",
         len(rows),
-        sum(label != CLEAN for label in labels),
+        corrupted_count,
         len(settings["defects"]),
     )
+    if corrupted_count > 2 * settings["fraction"] * len(rows):
+        log.warning(
+            "evaluate: %d of the %d recordings are corrupted (%.0f%%, evaluate.fraction "
+            "is %g) because each defect type needs one, and %d of them are clean; the "
+            "measures say little about a set this small",
+            corrupted_count,
+            len(rows),
+            100 * corrupted_count / len(rows),
+            settings["fraction"],
+            len(rows) - corrupted_count,
+        )
     corrupted = corrupt(
         [RAW_DIR / row["path"] for row in rows], [row["speaker"] for row in rows], labels, settings
     )
