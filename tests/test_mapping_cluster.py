@@ -155,3 +155,26 @@ def test_fft_profiles_drawn_smoothed_on_linear_axis():
     # A 25-bin moving average spreads the peak: (26 + 24) / 25 = 2.
     assert ratio[1000] == pytest.approx(2.0)
     plt.close(figure)
+
+
+def test_narrow_excess_named_below_mean_error():
+    description = {
+        "mean_error": 0.8,
+        "excess_band_hz": [1000.0, 2000.0],
+        "excess_ratio": 1.7,
+        "lowest_ratio": 0.6,
+        "excess_is_last_band": False,
+    }
+
+    assert profile_name(description, 1.0) == "excess 1000-2000 Hz (1.7x)"
+    assert profile_name(dict(description, excess_ratio=1.4), 1.0) == "typical (0.8x mean error)"
+
+
+def test_log_band_shares_weigh_band_width():
+    centres = np.geomspace(50, 6649, 48)
+    bands = frequency_bands([0, 120, 250, 500, 1000, 2000, 4000], float(centres[-1]))
+    description = describe_profile(np.ones(48), np.ones(48), centres, bands)
+
+    # An even profile over log-spaced bands has most of its error in the
+    # widest band, 4000 Hz to the top, not in the many narrow low columns.
+    assert description["dominant_band_hz"] == [4000.0, float(centres[-1])]

@@ -55,6 +55,9 @@ CV_FOLDS = 5
 # 50 components gave a cross-validated accuracy of 0.744 against 0.735 for 100
 # on the 3,000 real recordings, and the cross-validation took 1.8 s instead of 4.4 s.
 CLASSIFIER_COMPONENTS = 50
+# A cluster at or below the mean error is still named by its band when its
+# error there is at least this many times the overall profile's.
+NARROW_EXCESS = 1.5
 # A cluster above the mean error whose smallest band ratio is at least this
 # share of its largest is named "broadband".
 BROADBAND_EVENNESS = 0.75
@@ -219,12 +222,17 @@ def describe_profile(
         ``peak_frequency_hz``: frequency of the largest error.
     """
     shares, ratios = [], []
-    total = float(profile.sum())
+    # Each column counts with the width of spectrum it covers: equal for FFT
+    # bins, growing with frequency for log-spaced bands, whose low columns
+    # are narrow and many.
+    widths = np.gradient(frequencies) if frequencies.size > 1 else np.ones(1)
+    weighted, weighted_reference = profile * widths, reference * widths
+    total = float(weighted.sum())
     for index, (low, high) in enumerate(bands):
         last = index == len(bands) - 1
         inside = (frequencies >= low) & ((frequencies <= high) if last else (frequencies < high))
-        band_error = float(profile[inside].sum())
-        reference_error = float(reference[inside].sum())
+        band_error = float(weighted[inside].sum())
+        reference_error = float(weighted_reference[inside].sum())
         shares.append(band_error / total if total > 0 else 0.0)
         ratios.append(band_error / reference_error if reference_error > 0 else 0.0)
     dominant = int(np.argmax(shares))
@@ -244,7 +252,8 @@ def describe_profile(
 def profile_name(description: dict[str, Any], overall_mean_error: float) -> str:
     """Name a cluster from its profile.
 
-    A cluster whose mean error is at most the overall mean is "typical".
+    A cluster whose mean error is at most the overall mean, and no band
+    above `NARROW_EXCESS` times the overall profile, is "typical".
     One that exceeds the overall profile nearly evenly in every band (the
     smallest ratio at least `BROADBAND_EVENNESS` of the largest) is
     "broadband". Any other is named by the band where it exceeds the overall
@@ -252,9 +261,9 @@ def profile_name(description: dict[str, Any], overall_mean_error: float) -> str:
     "excess above 4000 Hz" for the highest, "excess 500-1000 Hz" between.
     """
     level = description["mean_error"] / overall_mean_error if overall_mean_error > 0 else 0
-    if level <= 1.0:
-        return f"typical ({level:.1f}x mean error)"
     ratio = description["excess_ratio"]
+    if level <= 1.0 and ratio < NARROW_EXCESS:
+        return f"typical ({level:.1f}x mean error)"
     if description.get("lowest_ratio", 0.0) >= BROADBAND_EVENNESS * ratio:
         return f"broadband ({level:.1f}x mean error)"
     low, high = description["excess_band_hz"]
