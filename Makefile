@@ -22,7 +22,8 @@ install: $(VENV)/installed
 
 run: install
 ifdef SOURCE
-	dvc exp run -S 'data.source=$(abspath $(SOURCE))'
+	@# The shell, not make, makes the path absolute, so spaces in it survive.
+	source_dir="$$(cd -- "$(SOURCE)" && pwd)" && dvc exp run -S "data.source=$$source_dir"
 else
 	dvc repro
 endif

@@ -207,3 +207,24 @@ def test_evaluate_warns_when_set_too_small(tmp_path, monkeypatch, caplog):
     # 11 defect types need 11 of the 30 recordings: 37%, not 5%.
     assert "11 of the 30 recordings are corrupted (37%, evaluate.fraction is 0.05)" in caplog.text
     assert json.loads((tmp_path / "metrics/evaluate.json").read_text())["corrupted"] == 11
+
+
+def test_damaged_outputs_give_clear_errors(tmp_path):
+    from audiomnist_anomalies.detect import load_models
+    from audiomnist_anomalies.outputs import load_npy
+
+    spectra_path = tmp_path / "spectra.npy"
+    np.save(spectra_path, np.ones((100, 50), dtype=np.float32))
+    spectra_path.write_bytes(spectra_path.read_bytes()[:5000])
+    models = tmp_path / "models"
+    models.mkdir()
+    import joblib
+
+    joblib.dump({"a": np.ones(1000)}, models / "isolation_forest.joblib")
+    content = (models / "isolation_forest.joblib").read_bytes()
+    (models / "isolation_forest.joblib").write_bytes(content[: len(content) // 2])
+
+    with pytest.raises(PipelineError, match="spectra.npy is damaged"):
+        load_npy(spectra_path, mmap=True)
+    with pytest.raises(PipelineError, match="isolation_forest.joblib is damaged"):
+        load_models(models)

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
+from audiomnist_anomalies.errors import PipelineError
 from audiomnist_anomalies.metadata import clean_age, clean_room, read_metadata
 from audiomnist_anomalies.outputs import read_csv
 from audiomnist_anomalies.params import default_params, validate_params
@@ -179,3 +180,12 @@ def test_duplicate_ids_keep_the_first_usable_recording(dataset):
         ("zz/6_01_3.wav", "duplicate recording id 6_01_3"),
         ("00bad/6_01_4.wav", "not a WAV file (no RIFF/WAVE header)"),
     ]
+
+
+def test_too_many_features_stop_before_reading(in_tmp):
+    params = default_params()
+    params["spectra"].update(n_bands=1000, n_frames=1000, sample_rate=192000, max_frequency_hz=90000.0)
+    params = validate_params(params)
+
+    with pytest.raises(PipelineError, match="give 1000000 features per recording, more than 65536"):
+        spectra(params)

@@ -543,11 +543,24 @@ def load_models(models_dir: Path = MODELS_DIR) -> Models:
     """
     import json
 
-    forest = joblib.load(models_dir / "isolation_forest.joblib")
-    pca = joblib.load(models_dir / "pca.joblib")
+    def load(path: Path) -> Any:
+        try:
+            if path.suffix == ".json":
+                return json.loads(path.read_text(encoding="utf-8"))
+            return joblib.load(path)
+        except FileNotFoundError:
+            raise
+        except Exception as error:  # a cut-short pickle raises many kinds of error
+            raise PipelineError(
+                f"{path} is damaged ({type(error).__name__}: {error}); recreate it with "
+                "dvc repro --force detect, or restore it with dvc checkout"
+            ) from None
+
+    forest = load(models_dir / "isolation_forest.joblib")
+    pca = load(models_dir / "pca.joblib")
     scaler_path = models_dir / "scaler.joblib"
-    scaler = joblib.load(scaler_path) if scaler_path.exists() else None
-    thresholds = json.loads((models_dir / "thresholds.json").read_text(encoding="utf-8"))
+    scaler = load(scaler_path) if scaler_path.exists() else None
+    thresholds = load(models_dir / "thresholds.json")
     return Models(forest, pca, scaler, thresholds)
 
 

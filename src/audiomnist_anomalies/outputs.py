@@ -21,6 +21,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .errors import PipelineError
+
 
 def remove_stale_temporaries(target: Path) -> None:
     """Delete temporary files or folders that a killed run left beside ``target``."""
@@ -134,8 +136,19 @@ def load_npy(path: Path | str, mmap: bool = False) -> np.ndarray:
 
     With ``mmap`` the array is a read-only memory map: rows are read from
     the file when they are used.
+
+    Raises
+    ------
+    PipelineError
+        If the file is damaged, for example cut short.
     """
-    return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except (ValueError, EOFError) as error:
+        raise PipelineError(
+            f"{path} is damaged ({error}); recreate it with dvc repro --force, "
+            "or restore it with dvc checkout"
+        ) from None
 
 
 def row_batches(array: np.ndarray, size: int = 4096) -> Iterator[tuple[int, np.ndarray]]:

@@ -38,6 +38,9 @@ RAW_DIR = Path("data/raw")
 SPECTRA_PATH = Path("data/spectra.npy")
 FREQUENCIES_PATH = Path("data/frequencies.npy")
 FEATURES_PATH = Path("data/features.json")
+# Most features per recording: 4 bytes each, 3,000 recordings then take
+# 0.8 GB in data/spectra.npy, and the detectors hold several such matrices.
+MAX_FEATURES = 65_536
 RECORDINGS_PATH = Path("data/recordings.csv")
 REJECTED_PATH = Path("data/rejected.csv")
 DATA_METRICS_PATH = Path("metrics/data.json")
@@ -504,6 +507,17 @@ def spectra(params: dict[str, dict[str, Any]]) -> str:
                 f"spectra.n_frames = {settings['n_frames']} leaves frames shorter than "
                 f"2 samples in a window of {length} samples; lower it."
             )
+    n_features = feature_layout(settings, length).n_features
+    if n_features > MAX_FEATURES:
+        hint = (
+            "spectra.n_bands x spectra.n_frames"
+            if settings["kind"] == "log_tf"
+            else "spectra.sample_rate x spectra.duration"
+        )
+        raise PipelineError(
+            f"the spectra settings give {n_features} features per recording, more than "
+            f"{MAX_FEATURES}; every stage would hold matrices of that width. Lower {hint}."
+        )
     if not RAW_DIR.is_dir():
         raise PipelineError(f"{RAW_DIR} not found; run the fetch stage first (dvc repro)")
     log.info(
