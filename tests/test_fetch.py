@@ -676,6 +676,18 @@ def test_fetch_local_copies_digit_six(tmp_path):
         assert (output / name).read_bytes() == (source / name).read_bytes(), name
 
 
+def test_fetch_local_warns_about_folders_and_broken_links(tmp_path, caplog):
+    source = make_dataset(tmp_path / "source", speakers=1, repetitions=2, anomalies=False)
+    (source / "01" / "6_01_44.wav").mkdir()
+    (source / "01" / "6_01_45.wav").symlink_to(tmp_path / "gone.wav")
+
+    count = fetch_local(source, 6, tmp_path / "raw")
+
+    assert count == 2
+    assert "skipped " + str(source / "01" / "6_01_44.wav") + ": it is a folder" in caplog.text
+    assert str(source / "01" / "6_01_45.wav") + ": it is a broken link" in caplog.text
+
+
 def test_fetch_local_missing_folder(tmp_path):
     missing = tmp_path / "no-such-folder"
 

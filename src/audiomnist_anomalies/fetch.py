@@ -486,7 +486,12 @@ def fetch_local(source: Path, digit: int, output: Path) -> int:
     selected = []
     other_digits = 0
     for path in sorted(source.rglob("*")):
-        if not path.is_file() or path.suffix.lower() != ".wav":
+        if path.suffix.lower() != ".wav":
+            continue
+        if not path.is_file():
+            # A folder named like a recording, or a link to nothing.
+            kind = "a folder" if path.is_dir() else "a broken link or not a regular file"
+            log.warning("fetch: skipped %s: it is %s", path, kind)
             continue
         match = RECORDING_NAME.fullmatch(path.name)
         if match and int(match["digit"]) != digit:
