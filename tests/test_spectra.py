@@ -182,6 +182,19 @@ def test_duplicate_ids_keep_the_first_usable_recording(dataset):
     ]
 
 
+def test_padded_repetition_is_the_same_take(dataset):
+    write_wav(dataset / "01" / "6_01_003.wav", tone(300, 0.5))
+    write_wav(dataset / "02" / "6_2_1.wav", tone(400, 0.5))
+    result = compute_spectra(dataset, 6, 6800, 1.0, 5)
+
+    # The first in file order (speaker, repetition, then path) is kept.
+    assert result.spectra.shape[0] == 60
+    assert sorted(result.rejected) == [
+        ("01/6_01_3.wav", "same speaker and repetition as 01/6_01_003.wav"),
+        ("02/6_2_1.wav", "same speaker and repetition as 02/6_02_1.wav"),
+    ]
+
+
 def test_too_many_features_stop_before_reading(in_tmp):
     params = default_params()
     params["spectra"].update(n_bands=1000, n_frames=1000, sample_rate=192000, max_frequency_hz=90000.0)

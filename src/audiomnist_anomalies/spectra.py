@@ -358,6 +358,8 @@ def compute_spectra(
     # An id or a content counts as seen once a recording with it was used.
     seen_ids: set[str] = set()
     seen_content: dict[str, str] = {}
+    # 6_02_7.wav and 6_02_007.wav name the same take: speaker 02, repetition 7.
+    seen_takes: dict[tuple[str, int], str] = {}
     missing_metadata: set[str] = set()
     analysed = _analysed_in_order(
         [str(path.resolve()) for path, _ in candidates], feature_settings, n_jobs, dask_scheduler
@@ -393,9 +395,14 @@ def compute_spectra(
             if result.reason is not None:
                 rejected.append((relative, result.reason))
                 continue
+            speaker = match["speaker"].zfill(2)
+            take = (speaker, int(match["repetition"]))
+            if take in seen_takes:
+                rejected.append((relative, f"same speaker and repetition as {seen_takes[take]}"))
+                continue
             seen_ids.add(path.stem)
             seen_content[result.digest] = relative
-            speaker = match["speaker"].zfill(2)
+            seen_takes[take] = relative
             folder = path.parent.relative_to(raw_dir).as_posix()
             if folder != speaker:
                 log.warning(
@@ -458,6 +465,8 @@ def _reason_kind(reason: str) -> str:
         return "duplicate content"
     if reason.startswith("recording of digit"):
         return "other digit"
+    if reason.startswith("same speaker and repetition"):
+        return "same speaker and repetition"
     return re.split(r" \(|:", reason, maxsplit=1)[0]
 
 
