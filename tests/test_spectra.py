@@ -124,6 +124,18 @@ def test_rerun_gives_identical_files(tmp_path, monkeypatch):
     assert digests[0] == digests[1]
 
 
+def test_metadata_entry_without_known_fields_warns(tmp_path, caplog):
+    path = tmp_path / "audioMNIST_meta.txt"
+    path.write_text('{"01": {"weird": 1}, "02": {"age": 30, "weird": 2}}')
+
+    speakers = read_metadata(path)
+
+    assert speakers["01"]["gender"] == ""
+    assert speakers["02"]["age"] == 30
+    assert "speaker '01' has none of the fields" in caplog.text
+    assert "speaker '02'" not in caplog.text
+
+
 def test_speakers_without_metadata_are_kept(tmp_path):
     source = make_dataset(tmp_path, speakers=4, repetitions=2, anomalies=False)
     entries = json.loads((source / "audioMNIST_meta.txt").read_text())

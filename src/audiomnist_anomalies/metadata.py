@@ -58,6 +58,10 @@ def clean_room(value: Any) -> str:
     return ROOM_SPELLINGS.get(room, room)
 
 
+# Fields of an upstream metadata entry that `clean_speaker` reads.
+KNOWN_FIELDS = {"age", "gender", "accent", "native speaker", "origin", "recordingroom"}
+
+
 def clean_speaker(fields: dict[str, Any]) -> dict[str, Any]:
     """Turn one speaker's raw metadata into the columns of ``COLUMNS``."""
     return {
@@ -108,5 +112,12 @@ def read_metadata(path: Path | str) -> dict[str, dict[str, Any]]:
         if not isinstance(fields, dict):
             log.warning("metadata entry for speaker %r is not an object; skipped", speaker)
             continue
+        if not KNOWN_FIELDS & set(fields):
+            log.warning(
+                "metadata entry for speaker %r has none of the fields %s; its "
+                "metadata is left empty",
+                speaker,
+                ", ".join(sorted(KNOWN_FIELDS)),
+            )
         speakers[str(speaker).strip().zfill(2)] = clean_speaker(fields)
     return speakers
