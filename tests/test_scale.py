@@ -6,6 +6,8 @@ import io
 import os
 import shutil
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -330,3 +332,24 @@ def test_ordered_map_workers_use_one_blas_thread():
     counts = list(ordered_map(_blas_threads, [(value,) for value in range(4)], 2))
 
     assert all(count == [1] * len(count) and count for count in counts)
+
+
+def test_ordered_map_reports_an_argument_it_cannot_send_without_hanging(tmp_path):
+    # A lambda cannot be pickled; the executor's workers used to wait for it
+    # for ever, in about one run of six. Run in a child so that a hang fails
+    # the test instead of CI.
+    script = tmp_path / "unpicklable.py"
+    script.write_text(
+        "from audiomnist_anomalies.parallel import ordered_map\n"
+        "for attempt in range(20):\n"
+        "    try:\n"
+        "        list(ordered_map(abs, [(lambda: 1,), (lambda: 2,), (lambda: 3,)], 2))\n"
+        "    except Exception as error:\n"
+        "        print(type(error).__name__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60
+    )
+
+    assert done.stdout.split() == ["PicklingError"] * 20
+    assert done.stderr == ""

@@ -16,6 +16,7 @@ written as WAV files so that a person can listen to them: figures go to
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -254,7 +255,9 @@ def inspect(params: dict[str, dict[str, Any]]) -> str:
             "recordings, scores, clusters and spectra disagree in length; rerun the "
             "pipeline (dvc repro)"
         )
-    models = load_models(MODELS_DIR)
+    # The figures need the reconstruction only; leaving out the forest keeps
+    # each job that is sent to a worker small.
+    models = dataclasses.replace(load_models(MODELS_DIR), isolation_forest=None)
     layout = load_layout()
     selected = select_recordings(scores, clusters, settings["top_n"], settings["rank_by"])
     log.info(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import signal
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -52,6 +53,10 @@ def ordered_map(
             delayed(function)(*item) for item in items
         )
         return
+    # An argument that cannot be pickled would leave the workers idle and the
+    # executor's shutdown waiting for them for ever; find it here instead.
+    for item in items:
+        pickle.dumps((function, item), protocol=pickle.HIGHEST_PROTOCOL)
     executor = ProcessPoolExecutor(
         processes, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker
     )
