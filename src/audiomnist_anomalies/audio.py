@@ -24,8 +24,8 @@ from .errors import AudioInputError
 # to 2 kHz, and the defects of the evaluate stage filter up to 2 kHz.
 MIN_SAMPLE_RATE = 4000
 
-# Seconds of a long recording resampled beyond the analysis window, so that
-# the resampling filter sees the same signal as in the whole file.
+# Seconds of a long recording resampled beyond the analysis window: the
+# resampling filter needs the signal past the window's end.
 RESAMPLE_MARGIN_S = 0.25
 # Seconds of silence appended to a recording shorter than the window before
 # it is resampled, longer than the resampling filter's decay.
@@ -292,14 +292,15 @@ def preprocess(
     np.ndarray [shape=(round(sample_rate * duration),), dtype=float64]
         The signal whose FFT is the recording's spectrum.
     """
-    # Only the start of a long recording is kept, so only that part (and a
-    # margin for the filter) is resampled; the kept samples differ from
-    # resampling the whole file by less than 1e-9 of its peak.
+    # Only the start of a long recording is kept, so only that part and a
+    # margin are resampled. The kept samples differ from those of the whole
+    # file resampled by less than 1e-9 of its peak.
     needed = math.ceil((duration + RESAMPLE_MARGIN_S) * recording.sample_rate)
     samples = recording.samples[:needed]
-    # A recording that ends inside the window is followed by silence; giving
-    # the filter some of it keeps the filter's decay after the last sample,
-    # and a recording shorter than one output sample still has one.
+    # A recording that ends inside the window is followed by silence. Some of
+    # that silence goes through the filter too, which keeps the filter's decay
+    # after the last sample. So even a recording shorter than one output
+    # sample resamples to something.
     tail = min(needed - samples.shape[0], math.ceil(RESAMPLE_TAIL_S * recording.sample_rate))
     if tail > 0:
         samples = np.pad(samples, (0, tail))
