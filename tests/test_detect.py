@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from audiomnist_anomalies.detect import (
     split_training,
 )
 from audiomnist_anomalies.errors import PipelineError
+from audiomnist_anomalies.linear import RECONSTRUCTION_FILE, load_reconstruction
 from audiomnist_anomalies.outputs import read_csv
 from audiomnist_anomalies.params import default_params, validate_params
 from audiomnist_anomalies.spectra import compute_spectra, spectra
@@ -177,3 +180,53 @@ def test_autoencoder_needs_standardized_features(generated_spectra):
 
     with pytest.raises(PipelineError, match="detect.standardize: true"):
         detect_anomalies(matrix, **dict(SETTINGS, reconstruction="autoencoder"))
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_linear_reconstruction_equals_models(dataset, in_tmp, standardize):
+    shutil.copytree(dataset, in_tmp / "data" / "raw")
+    params = default_params()
+    params["detect"]["standardize"] = standardize
+    params = validate_params(params)
+    spectra(params)
+    detect(params)
+    models = load_models(in_tmp / "data" / "models", forest=False)
+    linear = load_reconstruction(in_tmp / "data" / "models")
+    matrix = np.load(in_tmp / "data" / "spectra.npy")
+
+    assert models.isolation_forest is None
+    assert (models.scaler is not None) == standardize
+    assert linear.components.shape == models.pca.components_.shape
+    expected = models.reconstruct(matrix)
+    assert np.max(np.abs(linear.reconstruct(matrix) - expected)) < 1e-9 * np.max(np.abs(expected))
+    # The reconstruction is not the identity: it drops the minor components.
+    assert np.max(np.abs(expected - matrix)) > 0.1
+
+
+def test_autoencoder_keeps_no_linear_reconstruction(dataset, in_tmp):
+    shutil.copytree(dataset, in_tmp / "data" / "raw")
+    params = default_params()
+    params["detect"].update(reconstruction="autoencoder", autoencoder_epochs=5)
+    params = validate_params(params)
+    spectra(params)
+    detect(params)
+
+    assert load_reconstruction(in_tmp / "data" / "models") is None
+
+
+def test_damaged_linear_reconstruction_names_the_file(tmp_path):
+    np.save(tmp_path / RECONSTRUCTION_FILE, np.zeros((2, 5)))
+
+    with pytest.raises(PipelineError, match="pca_reconstruction.npy is damaged"):
+        load_reconstruction(tmp_path)
+
+
+def test_inspect_imports_no_scikit_learn():
+    # Importing them took about a second of every inspect run.
+    code = (
+        "import sys, audiomnist_anomalies.inspect\n"
+        "print(sorted(m for m in ('sklearn', 'scipy', 'joblib') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+    assert done.stdout.strip() == "[]"

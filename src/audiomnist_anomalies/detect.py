@@ -36,7 +36,8 @@ from sklearn.preprocessing import StandardScaler
 
 from .cli import exit_with, run_stage
 from .errors import PipelineError
-from .features import Layout
+from .features import Layout, load_layout  # noqa: F401  load_layout for the score command
+from .linear import RECONSTRUCTION_FILE, LinearReconstruction
 from .outputs import (
     RowWriter,
     atomic_directory,
@@ -523,6 +524,9 @@ def write_outputs(detection: Detection, recording_ids: list[str]) -> None:
         joblib.dump(detection.pca, folder / "pca.joblib")
         if detection.scaler is not None:
             joblib.dump(detection.scaler, folder / "scaler.joblib")
+        if isinstance(detection.pca, PCA):
+            linear = linear_reconstruction(detection.pca, detection.scaler)
+            write_npy(folder / RECONSTRUCTION_FILE, linear.to_array())
         write_json(
             folder / "thresholds.json",
             {
@@ -535,11 +539,23 @@ def write_outputs(detection: Detection, recording_ids: list[str]) -> None:
     write_json(METRICS_PATH, detect_metrics(detection))
 
 
-def load_models(models_dir: Path = MODELS_DIR) -> Models:
+def linear_reconstruction(pca: PCA, scaler: StandardScaler | None) -> LinearReconstruction:
+    """Return the scaling and PCA reconstruction as plain arrays."""
+    n_features = pca.mean_.shape[0]
+    return LinearReconstruction(
+        scaler.mean_ if scaler is not None else np.zeros(n_features),
+        scaler.scale_ if scaler is not None else np.ones(n_features),
+        pca.mean_,
+        pca.components_,
+    )
+
+
+def load_models(models_dir: Path = MODELS_DIR, forest: bool = True) -> Models:
     """Load the models that this pipeline's detect stage saved.
 
     Only load files that the pipeline wrote itself: joblib files are pickles
-    and can run code when loaded.
+    and can run code when loaded. Without ``forest`` the Isolation Forest is
+    not loaded and is None.
     """
     import json
 
@@ -556,20 +572,12 @@ def load_models(models_dir: Path = MODELS_DIR) -> Models:
                 "dvc repro --force detect, or restore it with dvc checkout"
             ) from None
 
-    forest = load(models_dir / "isolation_forest.joblib")
+    forest = load(models_dir / "isolation_forest.joblib") if forest else None
     pca = load(models_dir / "pca.joblib")
     scaler_path = models_dir / "scaler.joblib"
     scaler = load(scaler_path) if scaler_path.exists() else None
     thresholds = load(models_dir / "thresholds.json")
     return Models(forest, pca, scaler, thresholds)
-
-
-def load_layout(path: Path = FEATURES_PATH, frequencies_path: Path = FREQUENCIES_PATH) -> Layout:
-    """Read the feature layout that the spectra stage wrote."""
-    import json
-
-    description = json.loads(path.read_text(encoding="utf-8"))
-    return Layout(description["kind"], load_npy(frequencies_path), description["n_frames"])
 
 
 def detect(params: dict[str, dict[str, Any]]) -> str:

@@ -18,13 +18,16 @@ Dividing by the summed power instead of the maximum keeps one strong peak
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .audio import Recording, magnitude_spectrum, preprocess
 from .errors import AudioInputError
+from .outputs import load_npy
 
 KINDS = ("fft_magnitude", "log_bands", "log_tf")
 
@@ -65,6 +68,14 @@ class Layout:
             "n_frames": self.n_frames,
             "n_frequencies": int(self.frequencies.shape[0]),
         }
+
+
+def load_layout(
+    path: Path = Path("data/features.json"), frequencies_path: Path = Path("data/frequencies.npy")
+) -> Layout:
+    """Read the feature layout that the spectra stage wrote."""
+    description = json.loads(path.read_text(encoding="utf-8"))
+    return Layout(description["kind"], load_npy(frequencies_path), description["n_frames"])
 
 
 def band_edges(settings: dict[str, Any]) -> np.ndarray:

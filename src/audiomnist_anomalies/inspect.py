@@ -16,18 +16,17 @@ written as WAV files so that a person can listen to them: figures go to
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
 
 from .audio import preprocess, read_wav, reconstruct_signal
 from .cli import exit_with, run_stage
-from .detect import Models, load_layout, load_models
-from .features import Layout, compute_features, reconstruct_log_signal
+from .features import Layout, compute_features, load_layout, reconstruct_log_signal
+from .linear import LinearReconstruction, load_reconstruction
 from .errors import AudioInputError, PipelineError
 from .outputs import (
     atomic_directory,
@@ -37,6 +36,9 @@ from .outputs import (
     write_csv,
     write_wav,
 )
+
+if TYPE_CHECKING:
+    from .detect import Models
 
 log = logging.getLogger("audiomnist_anomalies.inspect")
 
@@ -170,7 +172,7 @@ def draw_recording(
     score: dict[str, str],
     cluster: dict[str, str],
     spectrum: np.ndarray,
-    models: Models,
+    models: LinearReconstruction | Models,
     layout: Layout,
     audio: dict[str, Any],
     folder: Path,
@@ -255,9 +257,13 @@ def inspect(params: dict[str, dict[str, Any]]) -> str:
             "recordings, scores, clusters and spectra disagree in length; rerun the "
             "pipeline (dvc repro)"
         )
-    # The figures need the reconstruction only; leaving out the forest keeps
-    # each job that is sent to a worker small.
-    models = dataclasses.replace(load_models(MODELS_DIR), isolation_forest=None)
+    # The figures need the reconstruction only. A PCA is applied from its
+    # arrays, without importing scikit-learn; an autoencoder needs its model.
+    models = load_reconstruction(MODELS_DIR)
+    if models is None:
+        from .detect import load_models
+
+        models = load_models(MODELS_DIR, forest=False)
     layout = load_layout()
     selected = select_recordings(scores, clusters, settings["top_n"], settings["rank_by"])
     log.info(

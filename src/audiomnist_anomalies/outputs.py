@@ -303,7 +303,7 @@ def save_figure(figure: Any, target: Path | str, dpi: int = 110) -> None:
 
 def write_wav(target: Path | str, signal: np.ndarray, sample_rate: int) -> None:
     """Write a mono float signal as 16-bit PCM WAV, scaled only if it would clip."""
-    from scipy.io import wavfile
+    import wave
 
     signal = np.asarray(signal, dtype=np.float64)
     peak = float(np.max(np.abs(signal))) if signal.size else 0.0
@@ -311,5 +311,9 @@ def write_wav(target: Path | str, signal: np.ndarray, sample_rate: int) -> None:
         signal = signal / peak
     samples = np.round(signal * 32767.0).astype("<i2")
     buffer = io.BytesIO()
-    wavfile.write(buffer, sample_rate, samples)
+    with wave.open(buffer, "wb") as output:
+        output.setnchannels(1)
+        output.setsampwidth(2)
+        output.setframerate(sample_rate)
+        output.writeframes(samples.tobytes())
     write_bytes(target, buffer.getvalue())
