@@ -47,6 +47,12 @@ BIN = Path(sys.executable).parent
 ORIGINAL_FEATURES = {"kind": "fft_magnitude", "sample_rate": 6800, "duration": 1.0, "smoothing_window": 5}
 
 
+# The analysis stages, fetch through inspect, without the evaluation. Naming
+# inspect and embed reproduces them and every stage they depend on.
+ANALYSIS = "dvc repro --force inspect embed"
+ANALYSIS_COMMAND = [str(BIN / "dvc"), "repro", "--force", "-q", "inspect", "embed"]
+
+
 def measure(command: list[str], cwd: Path, environment: dict[str, str]) -> tuple[float, float, float]:
     """Run a command; return wall seconds, CPU seconds and peak memory in MB."""
     # A file, not a pipe, takes the log: a full pipe would block the stage.
@@ -141,14 +147,17 @@ def main() -> None:
         cold[stage] = measure([str(BIN / "python"), "-m", f"audiomnist_anomalies.{stage}"], project, cold_environment)
     whole_cold_environment = dict(environment, NUMBA_CACHE_DIR=str(work / "numba-cold-repro"))
     cold["dvc repro --force"] = measure([str(BIN / "dvc"), "repro", "--force", "-q"], project, whole_cold_environment)
+    analysis_cold_environment = dict(environment, NUMBA_CACHE_DIR=str(work / "numba-cold-analysis"))
+    cold[ANALYSIS] = measure(ANALYSIS_COMMAND, project, analysis_cold_environment)
 
     warm_environment = dict(environment, NUMBA_CACHE_DIR=str(warm_cache))
     measure([str(BIN / "dvc"), "repro", "--force", "-q"], project, warm_environment)
-    warm: dict[str, list[tuple[float, float, float]]] = {name: [] for name in (*STAGES, "dvc repro --force")}
+    warm: dict[str, list[tuple[float, float, float]]] = {name: [] for name in (*STAGES, "dvc repro --force", ANALYSIS)}
     for _ in range(options.runs):
         for stage in STAGES:
             warm[stage].append(measure([str(BIN / "python"), "-m", f"audiomnist_anomalies.{stage}"], project, warm_environment))
         warm["dvc repro --force"].append(measure([str(BIN / "dvc"), "repro", "--force", "-q"], project, warm_environment))
+        warm[ANALYSIS].append(measure(ANALYSIS_COMMAND, project, warm_environment))
 
     # The spectra stage again, with the features the librosa loop computes.
     set_spectra(project, ORIGINAL_FEATURES)
@@ -191,13 +200,13 @@ def main() -> None:
 
     versions = ", ".join(
         f"{name} {metadata.version(name)}"
-        for name in ("numpy", "scipy", "scikit-learn", "pacmap", "numba", "dvc", "librosa")
+        for name in ("numpy", "scipy", "soxr", "scikit-learn", "pacmap", "numba", "dvc", "librosa")
     )
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; {versions}")
     print(f"Recordings: {len(paths)}; warm runs: {options.runs}\n")
     print("| step | cold wall (s) | cold CPU (s) | cold peak memory (MB) | warm wall median (min-max) (s) | warm CPU (s) | warm peak memory (MB) |")
     print("|---|---|---|---|---|---|---|")
-    for name in (*STAGES, "dvc repro --force"):
+    for name in (*STAGES, "dvc repro --force", ANALYSIS):
         runs = warm[name]
         print(
             f"| {name} | {cold[name][0]:.2f} | {cold[name][1]:.2f} | {cold[name][2]:.0f} | "
