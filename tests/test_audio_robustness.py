@@ -131,3 +131,14 @@ def test_random_headers(tmp_path, format_tag, channels, sample_rate, bits, paylo
     path.write_bytes(content)
 
     check_outcome(path)
+
+
+def test_chunk_past_the_end_is_named(tmp_path):
+    # A LIST chunk that declares more bytes than the file has hides the data
+    # chunk after it; the reason used to be "no data chunk".
+    content = wav_file(pcm16([5] * 99), before=[chunk(b"LIST", b"INFO", size=1_000_000)])
+    path = tmp_path / "overrun.wav"
+    path.write_bytes(content)
+
+    with pytest.raises(AudioInputError, match="the 'LIST' chunk declares 1000000 bytes, past the end"):
+        read_wav(path)

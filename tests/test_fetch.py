@@ -699,6 +699,21 @@ def test_fetch_local_missing_folder(tmp_path):
     assert not (tmp_path / "raw").exists()
 
 
+@pytest.mark.parametrize("relative", ["raw", "raw/01", "."])
+def test_fetch_local_source_overlapping_output(tmp_path, relative):
+    # DVC deletes data/raw before the stage runs, so data.source pointing into
+    # it used to fail as "is not a folder".
+    output = tmp_path / "raw"
+    (output / "01").mkdir(parents=True)
+    (output / "01" / "6_01_0.wav").write_bytes(FILES["data/01/6_01_0.wav"])
+    source = tmp_path / relative
+
+    with pytest.raises(ParameterError, match="overlaps .*raw, the folder this stage writes"):
+        fetch_local(source, 6, output)
+
+    assert (output / "01" / "6_01_0.wav").read_bytes() == FILES["data/01/6_01_0.wav"]
+
+
 def test_fetch_local_without_digit(tmp_path):
     source = tmp_path / "source"
     (source / "01").mkdir(parents=True)

@@ -413,6 +413,21 @@ def test_cli_count_zero(source, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_workers_zero_names_minus_one(source, tmp_path):
+    result = run_cli(
+        "--source", str(source), "--out", str(tmp_path / "out"), "--count", "10", "--workers", "0"
+    )
+
+    assert_user_error(result, "--workers must be at least 1, or -1 for every usable core, got 0")
+
+
+def test_every_core_gives_identical_bytes(generated, source, tmp_path):
+    output = tmp_path / "every-core"
+    generate(source, output, COUNT, seed=3, workers=-1)
+
+    assert digests(output) == digests(generated)
+
+
 @pytest.mark.parametrize("inside", ["out_in_source", "source_in_out"])
 def test_cli_output_overlapping_source(source, tmp_path, inside):
     output = source / "generated" if inside == "out_in_source" else source.parent

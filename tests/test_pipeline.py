@@ -150,6 +150,7 @@ def test_score_uses_fitted_settings_not_current_params(project, tmp_path):
     pipeline = {row["recording_id"]: row for row in read_csv(project / "data/scores.csv")}
 
     assert "spectra.n_bands, spectra.smoothing_window" in result.stderr
+    assert f"{tmp_path / 'changed.yaml'} has other spectra settings" in result.stderr
     assert float(read_csv(out)[0]["reconstruction_error"]) == pytest.approx(
         float(pipeline["6_02_1"]["reconstruction_error"]), rel=1e-5
     )
@@ -166,6 +167,29 @@ def test_score_refuses_to_overwrite_an_input(project):
     assert result.returncode == 2
     assert "is one of the files to score" in result.stderr
     assert recording.read_bytes() == before
+
+
+def test_score_out_folder_is_a_clear_error(project, tmp_path):
+    result = subprocess.run(
+        [str(BIN / "python"), "-m", "audiomnist_anomalies.score", "data/raw/02/6_02_1.wav",
+         "--out", str(tmp_path)],
+        cwd=project, capture_output=True, text=True, timeout=120,
+    )
+
+    assert result.returncode == 2
+    assert f"--out {tmp_path} is a folder; give a file name for the CSV" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_score_missing_params_file_names_it(project, tmp_path):
+    result = subprocess.run(
+        [str(BIN / "python"), "-m", "audiomnist_anomalies.score", "data/raw/02/6_02_1.wav",
+         "--params", str(tmp_path / "other.yaml")],
+        cwd=project, capture_output=True, text=True, timeout=120,
+    )
+
+    assert result.returncode == 2
+    assert f"parameter file not found: {tmp_path / 'other.yaml'}. Check the path." in result.stderr
 
 
 def test_score_without_models_fails_clearly(tmp_path):

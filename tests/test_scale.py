@@ -103,9 +103,35 @@ def test_spectra_on_a_local_dask_cluster(mixed_dataset, monkeypatch):
 
 def test_unreachable_dask_scheduler_is_a_clear_error(mixed_dataset, monkeypatch):
     pytest.importorskip("distributed")
-    monkeypatch.setattr(spectra_stage, "DASK_CONNECT_TIMEOUT", "2s")
+    monkeypatch.setattr(spectra_stage, "DASK_CONNECT_TIMEOUT", 2.0)
     with pytest.raises(PipelineError, match=r"cannot reach the Dask scheduler at tcp://127\.0\.0\.1:9"):
         compute_spectra(mixed_dataset, 6, 6800, 1.0, 5, dask_scheduler="tcp://127.0.0.1:9")
+
+
+@pytest.mark.timeout(120)
+def test_http_server_as_dask_scheduler_times_out(mixed_dataset, monkeypatch):
+    # An HTTP server accepts the connection and never answers the Dask
+    # handshake; the client alone waited for ever.
+    import http.server
+    import threading
+    import time
+
+    pytest.importorskip("distributed")
+    # Threaded, so that the connection the client leaves open does not keep
+    # the server from shutting down.
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(spectra_stage, "DASK_CONNECT_TIMEOUT", 2.0)
+    address = f"tcp://127.0.0.1:{server.server_address[1]}"
+    started = time.monotonic()
+    try:
+        with pytest.raises(PipelineError, match="no Dask scheduler answered within 7 s"):
+            compute_spectra(mixed_dataset, 6, 6800, 1.0, 5, dask_scheduler=address)
+    finally:
+        server.shutdown()
+
+    assert time.monotonic() - started < 30
 
 
 def test_row_writer_and_batches_round_trip(tmp_path):

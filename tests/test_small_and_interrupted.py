@@ -228,3 +228,23 @@ def test_damaged_outputs_give_clear_errors(tmp_path):
         load_npy(spectra_path, mmap=True)
     with pytest.raises(PipelineError, match="isolation_forest.joblib is damaged"):
         load_models(models)
+
+
+@pytest.mark.parametrize(
+    "leftover", ["data/.spectra.npy.k2j4.tmp", "data/.raw.a8b1.tmp/01/6_01_0.wav", "plots/.inspect.x9.tmp"]
+)
+def test_git_ignores_temporaries_of_a_killed_stage(leftover):
+    # A killed stage cannot remove them; `git add -A` would commit them.
+    done = subprocess.run(
+        ["git", "check-ignore", "--no-index", "-q", leftover], cwd=PROJECT_ROOT, timeout=60
+    )
+
+    assert done.returncode == 0
+
+
+def test_temporary_folder_name_is_ignored(tmp_path):
+    with atomic_directory(tmp_path / "raw") as folder:
+        name = folder.name
+
+    assert name.startswith(".raw.")
+    assert name.endswith(".tmp")

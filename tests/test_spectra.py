@@ -12,6 +12,7 @@ from audiomnist_anomalies.errors import PipelineError
 from audiomnist_anomalies.metadata import clean_age, clean_room, read_metadata
 from audiomnist_anomalies.outputs import read_csv
 from audiomnist_anomalies.params import default_params, validate_params
+from audiomnist_anomalies import spectra as spectra_module
 from audiomnist_anomalies.spectra import compute_spectra, spectra
 from synthetic import make_dataset, speech_like, tone, write_wav
 
@@ -214,3 +215,29 @@ def test_too_many_features_stop_before_reading(in_tmp):
 
     with pytest.raises(PipelineError, match="give 1000000 features per recording, more than 65536"):
         spectra(params)
+
+
+@pytest.mark.parametrize("n_frames, warned", [(32, False), (1000, True)])
+def test_many_repeated_bands_warn(caplog, n_frames, warned):
+    # 1,000 frames of 32 samples give FFT bins 500 Hz apart, so 34 of the 48
+    # log bands repeat a neighbour; the defaults repeat 4, below 130 Hz.
+    settings = dict(
+        validate_params(default_params())["spectra"], n_frames=n_frames, kind="log_tf"
+    )
+
+    spectra_module._warn_repeated_bands(settings, 16000)
+
+    assert ("34 of the 48 bands repeat a neighbouring band" in caplog.text) == warned
+    assert ("FFT bins 500 Hz apart" in caplog.text) == warned
+
+
+def test_low_sample_rates_count_as_one_reason():
+    reasons = [
+        spectra_module._reason_kind(f"sample rate {rate} Hz is below 4000 Hz, too low for speech")
+        for rate in (0, 1, 3999)
+    ]
+
+    assert reasons == ["sample rate below 4000 Hz"] * 3
+    assert spectra_module._reason_kind("truncated WAV file: the header declares 9 bytes") == (
+        "truncated WAV file"
+    )

@@ -157,6 +157,19 @@ def parse_wav(content: bytes) -> tuple[int, np.ndarray, str]:
             f"for {channels} channels of {bits} bits"
         )
     if b"data" not in chunks:
+        overrun = [
+            (identifier, size)
+            for identifier, (offset, size) in chunks.items()
+            if offset + size > len(content)
+        ]
+        if overrun:
+            # The walk jumped past the end, so a data chunk after it was not seen.
+            identifier, size = overrun[0]
+            raise AudioInputError(
+                f"invalid WAV file: the {identifier.decode('latin-1').strip()!r} chunk "
+                f"declares {size} bytes, past the end of the file ({len(content)} bytes); "
+                "the header is damaged"
+            )
         raise AudioInputError("WAV file has no samples (no data chunk)")
 
     data_offset, data_size = chunks[b"data"]

@@ -476,6 +476,15 @@ def fetch_local(source: Path, digit: int, output: Path) -> int:
     ParameterError
         If ``source`` is not a folder or contains no WAV files of the digit.
     """
+    resolved, target = source.resolve(), output.resolve()
+    if resolved == target or target in resolved.parents or resolved in target.parents:
+        # DVC deletes data/raw before the stage runs, so a source inside it is
+        # gone, and a source around it would be copied into itself.
+        raise ParameterError(
+            f"data.source {str(source)!r} overlaps {output}, the folder this stage "
+            "writes. Give the folder the recordings were first copied or "
+            "downloaded to, outside the project's data/ folder."
+        )
     if not source.is_dir():
         raise ParameterError(
             f"data.source {str(source)!r} is not a folder. Give the path of a "

@@ -506,7 +506,7 @@ def generate(
     digit : int
         Digit whose source recordings are used and whose names are written.
     workers : int
-        Number of processes.
+        Number of processes; -1 uses every usable core.
 
     Raises
     ------
@@ -515,6 +515,8 @@ def generate(
         an output folder that is in use, or an unreadable source recording.
     """
     validate_arguments(count, seed, digit, workers)
+    if workers == -1:
+        workers = default_workers()
     check_separate(source, output)
     recordings = find_source_recordings(source, digit)
     plans = plan_speakers(count, list(recordings))
@@ -567,8 +569,10 @@ def validate_arguments(count: int, seed: int, digit: int, workers: int) -> None:
         raise ParameterError(f"--seed must be 0 or more, got {seed}")
     if not 0 <= digit <= 9:
         raise ParameterError(f"--digit must be 0 to 9, got {digit}")
-    if workers < 1:
-        raise ParameterError(f"--workers must be at least 1, got {workers}")
+    if workers < 1 and workers != -1:
+        raise ParameterError(
+            f"--workers must be at least 1, or -1 for every usable core, got {workers}"
+        )
 
 
 def default_workers() -> int:
@@ -618,7 +622,7 @@ def make_parser() -> argparse.ArgumentParser:
         type=int,
         default=default_workers(),
         metavar="W",
-        help="number of processes (default: the number of usable cores)",
+        help="number of processes, -1 for every usable core (default: the number of usable cores)",
     )
     return parser
 

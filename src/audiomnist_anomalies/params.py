@@ -121,11 +121,14 @@ def _url(value: Any) -> str | None:
 
 
 def _dask_address(value: Any) -> str | None:
-    text = "empty, or a Dask scheduler address such as tcp://127.0.0.1:8786 (port 1-65535)"
+    text = (
+        "empty, or a Dask scheduler address such as tcp://127.0.0.1:8786 (port 1-65535; "
+        "tls:// is not supported because it needs certificates that cannot be set here)"
+    )
     if not isinstance(value, str):
         return text
-    match = re.match(r"^(tcp|tls)://[^\s/]+:(\d{1,5})$", value)
-    if value and not (match and 1 <= int(match[2]) <= 65535):
+    match = re.match(r"^tcp://[^\s/]+:(\d{1,5})$", value)
+    if value and not (match and 1 <= int(match[1]) <= 65535):
         return text
     return None
 
@@ -456,10 +459,12 @@ def load_params(path: Path | str = DEFAULT_PARAMS_PATH) -> dict[str, dict[str, A
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ParameterError(
-            f"parameter file not found: {path}. Run the stage from the project "
-            "root, where params.yaml is."
-        ) from None
+        advice = (
+            "Run the stage from the project root, where params.yaml is."
+            if path == Path(DEFAULT_PARAMS_PATH)
+            else "Check the path."
+        )
+        raise ParameterError(f"parameter file not found: {path}. {advice}") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ParameterError(f"cannot read parameter file {path}: {error}") from None
     try:

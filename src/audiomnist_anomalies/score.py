@@ -86,7 +86,9 @@ def nearest_cluster(errors: np.ndarray, profiles: np.ndarray) -> int:
     return int(np.argmin(np.linalg.norm(profiles - errors, axis=1)))
 
 
-def fitted_settings(params: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def fitted_settings(
+    params: dict[str, dict[str, Any]], params_path: Path | str = "params.yaml"
+) -> dict[str, Any]:
     """Return the ``spectra`` settings the saved models were fitted with.
 
     They come from ``data/features.json``. A warning names the keys where
@@ -102,15 +104,21 @@ def fitted_settings(params: dict[str, dict[str, Any]]) -> dict[str, Any]:
     changed = sorted(key for key, value in params["spectra"].items() if settings.get(key) != value)
     if changed:
         log.warning(
-            "score: params.yaml has other spectra settings (%s) than the saved models "
+            "score: %s has other spectra settings (%s) than the saved models "
             "were fitted with; scoring with the fitted ones. Run dvc repro to refit.",
+            params_path,
             ", ".join(f"spectra.{key}" for key in changed),
         )
     return settings
 
 
-def score_files(paths: list[Path], params: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Score each file; unreadable files get ``status`` "rejected" and a reason."""
+def score_files(
+    paths: list[Path], params: dict[str, dict[str, Any]], params_path: Path | str = "params.yaml"
+) -> list[dict[str, Any]]:
+    """Score each file; unreadable files get ``status`` "rejected" and a reason.
+
+    ``params_path`` names the file ``params`` came from, in messages.
+    """
     models = load_models(MODELS_DIR)
     layout = load_layout()
     frequencies = layout.frequencies
@@ -120,7 +128,7 @@ def score_files(paths: list[Path], params: dict[str, dict[str, Any]]) -> list[di
         for label, cluster in json.loads(CLUSTER_METRICS_PATH.read_text())["clusters"].items()
     }
     classifier = joblib.load(CLASSIFIER_PATH) if CLASSIFIER_PATH.exists() else None
-    settings = fitted_settings(params)
+    settings = fitted_settings(params, params_path)
     rows = []
     for path in tqdm(paths, desc="score", unit="file", disable=None):
         row: dict[str, Any] = {column: None for column in COLUMNS}
@@ -214,8 +222,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"--out {options.out} is one of the files to score; choose another "
                 "file name for the CSV"
             )
+        if options.out is not None and options.out.is_dir():
+            raise ParameterError(
+                f"--out {options.out} is a folder; give a file name for the CSV, "
+                f"for example {options.out / 'scores.csv'}"
+            )
         log.info("score: %d files", len(options.files))
-        rows = score_files(options.files, params)
+        rows = score_files(options.files, params, options.params)
     except PipelineError as error:
         if options.debug:
             log.exception("score failed")

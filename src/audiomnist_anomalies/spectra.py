@@ -10,6 +10,7 @@ with the reason, never dropped silently.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -23,7 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from .audio import decode_wav, window_length
+from .audio import MIN_SAMPLE_RATE, decode_wav, window_length
 from .cli import exit_with, run_stage
 from .errors import AudioInputError, PipelineError
 from .features import Layout, recording_features
@@ -41,6 +42,8 @@ FEATURES_PATH = Path("data/features.json")
 # Most features per recording: 4 bytes each, 3,000 recordings then take
 # 0.8 GB in data/spectra.npy, and the detectors hold several such matrices.
 MAX_FEATURES = 65_536
+# Share of the log bands that may repeat a neighbour before the stage warns.
+REPEATED_BANDS_WARNING = 0.25
 RECORDINGS_PATH = Path("data/recordings.csv")
 REJECTED_PATH = Path("data/rejected.csv")
 DATA_METRICS_PATH = Path("metrics/data.json")
@@ -115,8 +118,8 @@ CHUNK_FILES = 128
 MISSING = "file not found"
 # Below this many files the worker start-up costs more than it saves.
 MIN_PARALLEL_FILES = 512
-# How long to wait for a Dask scheduler before giving up.
-DASK_CONNECT_TIMEOUT = "15s"
+# How long to wait for a Dask scheduler before giving up, in seconds.
+DASK_CONNECT_TIMEOUT = 15.0
 # While no worker is connected, wait this long (seconds) for one to appear.
 DASK_NO_WORKERS_TIMEOUT = 60.0
 DASK_POLL_SECONDS = 2.0
@@ -223,6 +226,46 @@ def _analysed_in_order(
         yield from chunk_results
 
 
+def _connect(client_class: type, address: str, advice: str) -> Any:
+    """Connect a Dask client, giving up after ``DASK_CONNECT_TIMEOUT`` seconds.
+
+    The client's own timeout covers an address where nothing listens, but a
+    server of another kind (an HTTP server, for example) accepts the
+    connection and never completes the handshake, and the client then waits
+    for ever. So the client is created in a thread that is abandoned on
+    timeout. It is a daemon thread, so it does not keep the stage from ending.
+    """
+    import threading
+
+    outcome: dict[str, Any] = {}
+
+    def connect() -> None:
+        try:
+            outcome["client"] = client_class(
+                address, timeout=f"{DASK_CONNECT_TIMEOUT:.0f}s", set_as_default=False
+            )
+        except Exception as error:  # reported by the stage below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=connect, name="dask-connect", daemon=True)
+    thread.start()
+    thread.join(DASK_CONNECT_TIMEOUT + 5)
+    if "client" in outcome:
+        return outcome["client"]
+    error = outcome.get("error")
+    if error is None:
+        reason = (
+            f"no Dask scheduler answered within {DASK_CONNECT_TIMEOUT + 5:.0f} s; "
+            "the address may belong to a server of another kind"
+        )
+    else:
+        reason = f"{type(error).__name__}: {error}"
+    raise PipelineError(
+        f"cannot reach the Dask scheduler at {address} (compute.dask_scheduler): "
+        f"{reason}. {advice}"
+    )
+
+
 def _dask_results(
     address: str, chunks: list[list[str]], feature_settings: dict[str, Any]
 ) -> Iterator[list[Analysed]]:
@@ -248,14 +291,14 @@ def _dask_results(
         "Start the scheduler and its workers, or set compute.dask_scheduler to \"\" "
         "to compute on this machine."
     )
-    try:
-        client = Client(address, timeout=DASK_CONNECT_TIMEOUT, set_as_default=False)
-    except (OSError, TimeoutError) as error:
-        raise PipelineError(
-            f"cannot reach the Dask scheduler at {address} (compute.dask_scheduler): "
-            f"{error}. {advice}"
-        ) from None
-    with client:
+    client = _connect(Client, address, advice)
+    # A lost scheduler is reported below in one message; the client would log
+    # the connection's traceback first.
+    client_log = logging.getLogger("distributed.client")
+    level = client_log.level
+    client_log.setLevel(logging.CRITICAL)
+    with client, contextlib.ExitStack() as restore:
+        restore.callback(client_log.setLevel, level)
         pending: deque = deque()
 
         def next_result() -> list[Analysed]:
@@ -467,6 +510,8 @@ def _reason_kind(reason: str) -> str:
         return "other digit"
     if reason.startswith("same speaker and repetition"):
         return "same speaker and repetition"
+    if reason.startswith("sample rate ") and " is below " in reason:
+        return f"sample rate below {MIN_SAMPLE_RATE} Hz"
     return re.split(r" \(|:", reason, maxsplit=1)[0]
 
 
@@ -486,6 +531,35 @@ def write_outputs(result: SpectraResult, settings: dict[str, Any]) -> None:
     )
     write_csv(REJECTED_PATH, ("path", "reason"), result.rejected)
     write_json(DATA_METRICS_PATH, data_metrics(result))
+
+
+def _warn_repeated_bands(settings: dict[str, Any], length: int) -> None:
+    """Warn when many log bands are narrower than the FFT bin spacing.
+
+    Such a band takes the bin nearest to its centre, so neighbouring narrow
+    bands repeat the same value and add columns without information. With
+    the defaults, 4 of the 48 bands, all below 130 Hz, do so.
+    """
+    from .features import _pooling_matrix, band_edges
+
+    if settings["kind"] == "log_bands":
+        frame = length
+    else:
+        frame = 2 * (length // settings["n_frames"])
+    bins = np.fft.rfftfreq(frame, d=1.0 / settings["sample_rate"])
+    pooling = _pooling_matrix(bins, band_edges(settings))
+    distinct = np.unique(pooling.T, axis=0).shape[0]
+    repeated = pooling.shape[1] - distinct
+    if repeated > REPEATED_BANDS_WARNING * pooling.shape[1]:
+        log.warning(
+            "spectra: %d of the %d bands repeat a neighbouring band, because their "
+            "frames of %d samples give FFT bins %.0f Hz apart; lower spectra.n_frames "
+            "or spectra.n_bands, or raise spectra.min_frequency_hz",
+            repeated,
+            pooling.shape[1],
+            frame,
+            settings["sample_rate"] / frame,
+        )
 
 
 def spectra(params: dict[str, dict[str, Any]]) -> str:
@@ -516,6 +590,7 @@ def spectra(params: dict[str, dict[str, Any]]) -> str:
                 f"spectra.n_frames = {settings['n_frames']} leaves frames shorter than "
                 f"2 samples in a window of {length} samples; lower it."
             )
+        _warn_repeated_bands(settings, length)
     n_features = feature_layout(settings, length).n_features
     if n_features > MAX_FEATURES:
         hint = (
