@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -379,3 +380,27 @@ def test_ordered_map_reports_an_argument_it_cannot_send_without_hanging(tmp_path
 
     assert done.stdout.split() == ["PicklingError"] * 20
     assert done.stderr == ""
+
+
+def _touch(folder: str, value: int) -> int:
+    (Path(folder) / str(value)).touch()
+    return value
+
+
+def test_ordered_map_bounds_work_ahead_of_caller(tmp_path):
+    # Results the caller has not taken yet are held in memory; with every
+    # item submitted at once, 100,000 recordings of spectra piled up 0.6 GB.
+    import time
+
+    from audiomnist_anomalies.parallel import IN_FLIGHT_PER_PROCESS, ordered_map
+
+    results = ordered_map(_touch, [(str(tmp_path), value) for value in range(100)], 2)
+    first = next(results)
+    time.sleep(1.0)
+    started = len(list(tmp_path.iterdir()))
+    rest = list(results)
+
+    assert first == 0
+    assert started <= 2 * IN_FLIGHT_PER_PROCESS + 1
+    assert rest == list(range(1, 100))
+    assert len(list(tmp_path.iterdir())) == 100
