@@ -64,7 +64,8 @@ def ordered_map(
         )
         return
     # An argument that cannot be pickled would leave the workers idle and the
-    # executor's shutdown waiting for them for ever; find it here instead.
+    # executor's shutdown waiting for them for ever. Pickling each item here
+    # raises the error first.
     for item in items:
         pickle.dumps((function, item), protocol=pickle.HIGHEST_PROTOCOL)
     executor = ProcessPoolExecutor(
