@@ -20,6 +20,7 @@ from audiomnist_anomalies.audio import (
 )
 from audiomnist_anomalies.errors import AudioInputError
 from synthetic import SAMPLE_RATE, pcm24_wav_bytes, speech_like, tone, write_wav
+from wavbuild import wav_file
 
 
 @pytest.mark.parametrize("frequency", [50.0, 440.0, 1234.0, 3000.0])
@@ -224,3 +225,15 @@ def test_short_recording_keeps_the_filter_decay_after_its_end():
 
     assert np.sum(kept**2) == pytest.approx(np.sum(reference**2), rel=1e-6)
     assert np.max(np.abs(kept - reference)) < 1e-6 * np.max(np.abs(reference))
+
+
+@pytest.mark.parametrize("rate, accepted", [(384000, True), (768000, True), (768001, False), (10**9, False)])
+def test_sample_rate_above_768_khz_is_a_damaged_header(tmp_path, rate, accepted):
+    path = tmp_path / "fast.wav"
+    path.write_bytes(wav_file(np.zeros(100, "<i2").tobytes() + b"\x01\x00", sample_rate=rate))
+
+    if accepted:
+        assert read_wav(path).sample_rate == rate
+    else:
+        with pytest.raises(AudioInputError, match=f"sample rate {rate} Hz is above 768000 Hz"):
+            read_wav(path)

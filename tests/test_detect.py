@@ -191,8 +191,8 @@ def test_linear_reconstruction_equals_models(dataset, in_tmp, standardize):
     spectra(params)
     detect(params)
     models = load_models(in_tmp / "data" / "models", forest=False)
-    linear = load_reconstruction(in_tmp / "data" / "models")
     matrix = np.load(in_tmp / "data" / "spectra.npy")
+    linear = load_reconstruction(in_tmp / "data" / "models", matrix.shape[1])
 
     assert models.isolation_forest is None
     assert (models.scaler is not None) == standardize
@@ -211,14 +211,24 @@ def test_autoencoder_keeps_no_linear_reconstruction(dataset, in_tmp):
     spectra(params)
     detect(params)
 
-    assert load_reconstruction(in_tmp / "data" / "models") is None
+    assert load_reconstruction(in_tmp / "data" / "models", 1536) is None
 
 
-def test_damaged_linear_reconstruction_names_the_file(tmp_path):
-    np.save(tmp_path / RECONSTRUCTION_FILE, np.zeros((2, 5)))
+@pytest.mark.parametrize(
+    "rows, reason",
+    [
+        (np.zeros((2, 5)), "expected at least 4 rows"),
+        (np.ones((6, 4)), "4 columns, the spectra have 5"),
+        (np.r_[np.ones((5, 5)), np.full((1, 5), np.nan)], "not finite"),
+        (np.r_[np.ones((1, 5)), np.zeros((1, 5)), np.ones((3, 5))], "scale is not positive"),
+    ],
+)
+def test_damaged_linear_reconstruction_names_the_file(tmp_path, rows, reason):
+    # NaN rows used to pass and give silent reconstructed WAV files.
+    np.save(tmp_path / RECONSTRUCTION_FILE, rows)
 
-    with pytest.raises(PipelineError, match="pca_reconstruction.npy is damaged"):
-        load_reconstruction(tmp_path)
+    with pytest.raises(PipelineError, match=f"pca_reconstruction.npy is damaged .*{reason}"):
+        load_reconstruction(tmp_path, 5)
 
 
 def test_inspect_imports_no_scikit_learn():

@@ -465,3 +465,11 @@ def test_cli_writes_summary(source, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "7 files written, 0 already present" in result.stderr
     assert len(wav_files(output)) == 7
+
+
+def test_more_workers_than_speakers_start_no_idle_processes(generated, source, tmp_path):
+    # --workers 100000 used to fork 100,000 processes for a few speaker tasks.
+    output = tmp_path / "many-workers"
+    generate(source, output, COUNT, seed=3, workers=100_000)
+
+    assert digests(output) == digests(generated)

@@ -72,3 +72,30 @@ def test_report_loads_in_chromium(report):
     assert "<h1>Anomaly report</h1>" in dom.stdout
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert screenshot.stat().st_size > 50_000
+
+
+def test_report_describes_an_autoencoder(report, monkeypatch):
+    # With the autoencoder, metrics/detect.json has no PCA keys; the report
+    # raised KeyError 'pca_components'.
+    import json
+
+    from audiomnist_anomalies.report import build_report
+
+    folder = report.parent.parent
+    metrics_path = folder / "metrics" / "detect.json"
+    original = metrics_path.read_text()
+    metrics = json.loads(original)
+    for key in ("pca_components", "pca_variance_explained"):
+        metrics.pop(key)
+    metrics.update(reconstruction="autoencoder", autoencoder_layers=[256, 32, 256], autoencoder_epochs=41)
+    monkeypatch.chdir(folder)
+    metrics_path.write_text(json.dumps(metrics))
+    try:
+        page = build_report()
+    finally:
+        metrics_path.write_text(original)
+
+    assert "<th>autoencoder layers</th>" in page
+    assert "<td>256 x 32 x 256</td>" in page
+    assert "<td>41</td>" in page
+    assert "<th>PCA components</th>" not in page

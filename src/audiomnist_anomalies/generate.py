@@ -474,7 +474,9 @@ def run_tasks(tasks: list[SpeakerTask], workers: int) -> Iterator[tuple[int, int
     One worker runs the tasks in this process. More workers use a process
     pool, and the first failure cancels the tasks that have not started.
     """
-    if workers == 1:
+    # More processes than tasks would only start idle ones.
+    workers = min(workers, len(tasks))
+    if workers <= 1:
         for task in tasks:
             yield generate_speaker(task)
         return

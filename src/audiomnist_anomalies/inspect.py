@@ -259,7 +259,7 @@ def inspect(params: dict[str, dict[str, Any]]) -> str:
         )
     # The figures need the reconstruction only. A PCA is applied from its
     # arrays, without importing scikit-learn; an autoencoder needs its model.
-    models = load_reconstruction(MODELS_DIR)
+    models = load_reconstruction(MODELS_DIR, spectra.shape[1])
     if models is None:
         from .detect import load_models
 

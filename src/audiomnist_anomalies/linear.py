@@ -55,20 +55,32 @@ class LinearReconstruction:
         """Rebuild the maps from the rows that `to_array` stacked."""
         if rows.ndim != 2 or rows.shape[0] < 4:
             raise ValueError(f"expected at least 4 rows of features, got shape {rows.shape}")
+        if not np.all(np.isfinite(rows)):
+            raise ValueError("it contains values that are not finite")
+        if not np.all(rows[1] > 0):
+            raise ValueError("a feature scale is not positive")
         return cls(rows[0], rows[1], rows[2], rows[3:])
 
 
-def load_reconstruction(models_dir: Path) -> LinearReconstruction | None:
+def load_reconstruction(models_dir: Path, n_features: int) -> LinearReconstruction | None:
     """Load the PCA reconstruction that the detect stage kept, if it kept one.
 
     Returns None when the reconstruction is an autoencoder, which is not
     linear. Its model is then loaded with the other models.
+
+    Raises
+    ------
+    PipelineError
+        If the file is damaged or does not have ``n_features`` columns.
     """
     path = models_dir / RECONSTRUCTION_FILE
     if not path.exists():
         return None
     try:
-        return LinearReconstruction.from_array(load_npy(path))
+        rows = load_npy(path)
+        if rows.ndim == 2 and rows.shape[1] != n_features:
+            raise ValueError(f"{rows.shape[1]} columns, the spectra have {n_features}")
+        return LinearReconstruction.from_array(rows)
     except ValueError as error:
         raise PipelineError(
             f"{path} is damaged ({error}); recreate it with dvc repro --force detect, "

@@ -132,9 +132,18 @@ def build_report() -> str:
     entries = read_csv(INSPECT_DIR / "index.csv")
     recordings = {row["recording_id"]: row for row in read_csv(RECORDINGS_PATH)}
 
+    if detect.get("reconstruction") == "autoencoder":
+        model_headers = ["autoencoder layers", "epochs"]
+        model_values = [
+            " x ".join(str(width) for width in detect["autoencoder_layers"]),
+            detect["autoencoder_epochs"],
+        ]
+    else:
+        model_headers = ["PCA components", "variance explained"]
+        model_values = [detect["pca_components"], detect["pca_variance_explained"]]
     summary = table(
-        ["recordings used", "rejected", "flagged by Isolation Forest", "flagged by reconstruction error", "flagged by both", "PCA components", "variance explained"],
-        [[data["used"], data["rejected"], detect["flagged_isolation_forest"], detect["flagged_reconstruction"], detect["flagged_both"], detect["pca_components"], detect["pca_variance_explained"]]],
+        ["recordings used", "rejected", "flagged by Isolation Forest", "flagged by reconstruction error", "flagged by both", *model_headers],
+        [[data["used"], data["rejected"], detect["flagged_isolation_forest"], detect["flagged_reconstruction"], detect["flagged_both"], *model_values]],
     )
     clusters = table(
         ["cluster", "name", "size", "dominant band (Hz)", "share", "peak frequency (Hz)"],

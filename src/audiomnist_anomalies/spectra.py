@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from .audio import MIN_SAMPLE_RATE, decode_wav, window_length
+from .audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, decode_wav, window_length
 from .cli import exit_with, run_stage
 from .errors import AudioInputError, PipelineError
 from .features import Layout, recording_features
@@ -512,6 +512,8 @@ def _reason_kind(reason: str) -> str:
         return "same speaker and repetition"
     if reason.startswith("sample rate ") and " is below " in reason:
         return f"sample rate below {MIN_SAMPLE_RATE} Hz"
+    if reason.startswith("sample rate ") and " is above " in reason:
+        return f"sample rate above {MAX_SAMPLE_RATE} Hz"
     return re.split(r" \(|:", reason, maxsplit=1)[0]
 
 
