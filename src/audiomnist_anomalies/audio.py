@@ -23,8 +23,9 @@ from .errors import AudioInputError
 # Lowest sample rate a recording may have: speech needs at least the band up
 # to 2 kHz, and the defects of the evaluate stage filter up to 2 kHz.
 MIN_SAMPLE_RATE = 4000
-# Highest sample rate a recording may have: 768 kHz is the highest rate that
-# audio interfaces and formats use; a larger value is a damaged header.
+# Highest sample rate a recording may have. 768 kHz is the highest rate of
+# common audio interfaces, so a larger value most likely comes from a
+# damaged header.
 MAX_SAMPLE_RATE = 768_000
 
 # Seconds of a long recording resampled beyond the analysis window: the
@@ -150,8 +151,8 @@ def parse_wav(content: bytes) -> tuple[int, np.ndarray, str]:
         raise AudioInputError("invalid WAV file: 0 channels")
     if sample_rate > MAX_SAMPLE_RATE:
         raise AudioInputError(
-            f"sample rate {sample_rate} Hz is above {MAX_SAMPLE_RATE} Hz, the highest "
-            "rate of audio formats; the header is damaged"
+            f"sample rate {sample_rate} Hz is above {MAX_SAMPLE_RATE} Hz, far beyond "
+            "audio rates; the header is most likely damaged"
         )
     if sample_rate < MIN_SAMPLE_RATE:
         raise AudioInputError(
