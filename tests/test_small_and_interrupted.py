@@ -248,3 +248,14 @@ def test_temporary_folder_name_is_ignored(tmp_path):
 
     assert name.startswith(".raw.")
     assert name.endswith(".tmp")
+
+
+def test_text_file_in_place_of_npy_is_named(tmp_path):
+    from audiomnist_anomalies.outputs import load_npy
+
+    path = tmp_path / "spectra.npy"
+    path.write_text("hello\n")
+
+    # NumPy's own message spoke of pickled object data.
+    with pytest.raises(PipelineError, match=r"spectra.npy is damaged \(not a NumPy .npy file\)"):
+        load_npy(path)

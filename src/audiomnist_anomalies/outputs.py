@@ -145,8 +145,13 @@ def load_npy(path: Path | str, mmap: bool = False) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (ValueError, EOFError) as error:
+        reason = str(error)
+        with open(path, "rb") as handle:
+            if handle.read(6) != b"\x93NUMPY":
+                # NumPy takes any file without its magic bytes for a pickle.
+                reason = "not a NumPy .npy file"
         raise PipelineError(
-            f"{path} is damaged ({error}); recreate it with dvc repro --force, "
+            f"{path} is damaged ({reason}); recreate it with dvc repro --force, "
             "or restore it with dvc checkout"
         ) from None
 
