@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -473,3 +475,27 @@ def test_more_workers_than_speakers_start_no_idle_processes(generated, source, t
     generate(source, output, COUNT, seed=3, workers=100_000)
 
     assert digests(output) == digests(generated)
+
+
+def test_termination_request_exits_with_143_and_rerun_finishes(source, tmp_path):
+    output = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "audiomnist_anomalies.generate",
+        "--source", str(source), "--out", str(output), "--count", "3000", "--workers", "1",
+    ]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(output.glob("*/*.wav")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 143, stderr
+    assert "interrupted; the files written so far are complete" in stderr
+    assert "Traceback" not in stderr
+    written = len(wav_files(output))
+    assert 0 < written < 3000
+    assert not list(output.rglob(".*.tmp"))
+
+    assert subprocess.run(command, capture_output=True, timeout=120).returncode == 0
+    assert len(wav_files(output)) == 3000

@@ -171,7 +171,9 @@ def test_killed_repro_then_rerun(tmp_path, marker):
     assert "plots/inspect" in locked_outputs(project)
 
 
-def test_termination_request_removes_temporary_output(tmp_path, capfd):
+# 130 after Ctrl-C; 128 + 15 after SIGTERM, as a shell reports a process it ended.
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_interrupt_removes_temporary_output(tmp_path, capfd, signum, status):
     from audiomnist_anomalies.cli import run_stage
 
     (tmp_path / "params.yaml").write_text((PROJECT_ROOT / "params.yaml").read_text())
@@ -180,12 +182,12 @@ def test_termination_request_removes_temporary_output(tmp_path, capfd):
     def work(params, options):
         with atomic_path(target) as temporary:
             temporary.write_bytes(b"partial")
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
         return "not reached"
 
-    status = run_stage("demo", "demo stage", work, ["--params", str(tmp_path / "params.yaml")])
+    result = run_stage("demo", "demo stage", work, ["--params", str(tmp_path / "params.yaml")])
 
-    assert status == 130
+    assert result == status
     assert sorted(path.name for path in tmp_path.iterdir()) == ["params.yaml"]
     assert "demo interrupted; no partial outputs were kept" in capfd.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
@@ -224,7 +226,10 @@ def test_damaged_outputs_give_clear_errors(tmp_path):
     content = (models / "isolation_forest.joblib").read_bytes()
     (models / "isolation_forest.joblib").write_bytes(content[: len(content) // 2])
 
-    with pytest.raises(PipelineError, match="spectra.npy is damaged"):
+    # The advice names the stage that writes the file.
+    with pytest.raises(
+        PipelineError, match="spectra.npy is damaged .*recreate it with dvc repro --force spectra,"
+    ):
         load_npy(spectra_path, mmap=True)
     with pytest.raises(PipelineError, match="isolation_forest.joblib is damaged"):
         load_models(models)
@@ -258,4 +263,15 @@ def test_text_file_in_place_of_npy_is_named(tmp_path):
 
     # NumPy's own message spoke of pickled object data.
     with pytest.raises(PipelineError, match=r"spectra.npy is damaged \(not a NumPy .npy file\)"):
+        load_npy(path)
+
+
+def test_damaged_errors_file_names_the_detect_stage(tmp_path):
+    from audiomnist_anomalies.outputs import load_npy
+
+    path = tmp_path / "errors.npy"
+    np.save(path, np.ones((100, 50), dtype=np.float32))
+    path.write_bytes(path.read_bytes()[:3000])
+
+    with pytest.raises(PipelineError, match="recreate it with dvc repro --force detect,"):
         load_npy(path)

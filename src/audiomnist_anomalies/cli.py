@@ -24,6 +24,12 @@ log = logging.getLogger("audiomnist_anomalies")
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+# The shell's convention for a process ended by SIGTERM: 128 + 15.
+EXIT_TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised by the SIGTERM handler, so a termination request unwinds like Ctrl-C."""
 
 
 def configure_logging(debug: bool = False) -> None:
@@ -87,7 +93,8 @@ def run_stage(
     Returns
     -------
     int
-        0 on success, 2 for a user-correctable error, 130 when interrupted.
+        0 on success, 2 for a user-correctable error, 130 when interrupted
+        by Ctrl-C, 143 when stopped by SIGTERM.
     """
     parser = parser or make_parser(stage, description)
     options = parser.parse_args(argv)
@@ -95,7 +102,7 @@ def run_stage(
     started = time.perf_counter()
     # A termination request (kill, timeout, a cancelled job) unwinds like
     # Ctrl-C, so temporary outputs are removed and worker processes stopped.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         params = load_params(options.params)
         summary = work(params, options)
@@ -119,17 +126,23 @@ def run_stage(
                 stage,
             )
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         log.error("%s interrupted; no partial outputs were kept", stage)
-        return EXIT_INTERRUPTED
+        return interrupted_status(interrupt)
     finally:
         signal.signal(signal.SIGTERM, previous)
     log.info("%s done in %.1f s: %s", stage, time.perf_counter() - started, summary)
     return 0
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+def terminate(signum: int, frame: Any) -> None:
+    """SIGTERM handler: raise `Terminated` in the main thread."""
+    raise Terminated
+
+
+def interrupted_status(interrupt: KeyboardInterrupt) -> int:
+    """Exit status for an interrupt: 143 after SIGTERM, 130 after Ctrl-C."""
+    return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
 
 
 def exit_with(status: int) -> None:

@@ -47,6 +47,7 @@ import json
 import logging
 import math
 import os
+import signal
 import struct
 import sys
 import time
@@ -58,7 +59,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .audio import read_wav
-from .cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, configure_logging
+from .cli import EXIT_USER_ERROR, configure_logging, interrupted_status, terminate
 from .errors import AudioInputError, ParameterError, PipelineError
 from .fetch import RECORDING_NAME
 from .metadata import METADATA_FILE
@@ -630,9 +631,14 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns 0, 2 for a user error, 130 when interrupted."""
+    """Command-line entry point.
+
+    Returns 0, 2 for a user error, 130 when interrupted by Ctrl-C and 143 when
+    stopped by SIGTERM.
+    """
     options = make_parser().parse_args(argv)
     configure_logging(bool(os.environ.get("AUDIOMNIST_DEBUG")))
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         summary = generate(
             options.source,
@@ -648,13 +654,15 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         print(f"error: cannot write the output: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         print(
             "error: interrupted; the files written so far are complete, rerun the same "
             "command to finish",
             file=sys.stderr,
         )
-        return EXIT_INTERRUPTED
+        return interrupted_status(interrupt)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     log.info("generate done: %s", summary)
     return 0
 

@@ -131,6 +131,15 @@ def write_npy(target: Path | str, array: np.ndarray) -> None:
     write_bytes(target, buffer.getvalue())
 
 
+# The stage that writes each .npy file, named in the advice for a damaged one.
+PRODUCED_BY = {
+    "spectra.npy": "spectra",
+    "frequencies.npy": "spectra",
+    "errors.npy": "detect",
+    "pca_reconstruction.npy": "detect",
+}
+
+
 def load_npy(path: Path | str, mmap: bool = False) -> np.ndarray:
     """Load a ``.npy`` file without ever unpickling objects.
 
@@ -150,8 +159,11 @@ def load_npy(path: Path | str, mmap: bool = False) -> np.ndarray:
             if handle.read(6) != b"\x93NUMPY":
                 # NumPy takes any file without its magic bytes for a pickle.
                 reason = "not a NumPy .npy file"
+        command = "dvc repro --force"
+        if Path(path).name in PRODUCED_BY:
+            command += f" {PRODUCED_BY[Path(path).name]}"
         raise PipelineError(
-            f"{path} is damaged ({reason}); recreate it with dvc repro --force, "
+            f"{path} is damaged ({reason}); recreate it with {command}, "
             "or restore it with dvc checkout"
         ) from None
 

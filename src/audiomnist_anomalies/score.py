@@ -140,6 +140,9 @@ def score_files(
             log.warning("score: rejected %s: %s", path, error)
             rows.append(row)
             continue
+        # The spectra stage stores features as float32. Rounding them the same
+        # way gives a recording of the pipeline its score in data/scores.csv.
+        features = features.astype(np.float32).astype(np.float64)
         forest_scores, feature_errors = models.score(features[np.newaxis, :])
         forest_score = float(forest_scores[0])
         error = float(feature_errors.mean())
