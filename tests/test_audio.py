@@ -194,6 +194,19 @@ def test_resampling_is_deterministic_and_keeps_length():
     assert np.array_equal(resample(samples, 48000, 48000), samples)
 
 
+@pytest.mark.parametrize("source_rate, target_rate", [(48000, 16000), (48000, 6800), (44100, 16000), (8000, 16000)])
+def test_float32_resampling_equals_float64(source_rate, target_rate):
+    # resample hands soxr float32 samples because soxr's HQ filter computes in
+    # single precision anyway, so the output must not change.
+    import soxr
+
+    samples = np.random.default_rng(5).standard_normal(30000) * 0.3
+    direct = soxr.resample(samples, source_rate, target_rate, quality="HQ")
+
+    assert direct.dtype == np.float64
+    assert np.array_equal(resample(samples, source_rate, target_rate), direct)
+
+
 @pytest.mark.parametrize("rate", [1, 800, 3999])
 def test_speech_needs_4000_hz(tmp_path, rate):
     path = write_wav(tmp_path / "low.wav", np.sin(np.arange(4 * rate) * 0.3), sample_rate=rate)

@@ -27,6 +27,7 @@ from sklearn.metrics import (
     roc_auc_score,
     roc_curve,
 )
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from .audio import Recording, preprocess, read_wav, window_length
@@ -392,15 +393,23 @@ def evaluate(params: dict[str, dict[str, Any]]) -> str:
     columns = feature_layout(audio, window_length(audio["sample_rate"], audio["duration"]))
     spectra = []
     progress = tqdm(corrupted, total=len(rows), desc="spectra", unit="file", disable=None)
-    for recording in progress:
-        samples = preprocess(recording, audio["sample_rate"], audio["duration"], audio["smoothing_window"])
-        try:
-            features, _ = compute_features(samples, audio)
-        except AudioInputError:
-            # A defect can silence a recording completely; its features are then
-            # the lowest value, which the detectors can still score.
-            features = np.full(columns.n_features, audio["floor_db"] if audio["kind"] != "fft_magnitude" else 0.0)
-        spectra.append(features.astype(np.float32))
+    # One BLAS thread: a second one mostly waits on the small matrix products
+    # of the band pooling, as in the spectra stage.
+    with threadpool_limits(limits=1, user_api="blas"):
+        for recording in progress:
+            samples = preprocess(
+                recording, audio["sample_rate"], audio["duration"], audio["smoothing_window"]
+            )
+            try:
+                features, _ = compute_features(samples, audio)
+            except AudioInputError:
+                # A defect can silence a recording completely; its features are then
+                # the lowest value, which the detectors can still score.
+                features = np.full(
+                    columns.n_features,
+                    audio["floor_db"] if audio["kind"] != "fft_magnitude" else 0.0,
+                )
+            spectra.append(features.astype(np.float32))
     matrix = np.vstack(spectra)
     del spectra
     detection = detect_anomalies(
