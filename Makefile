@@ -24,6 +24,9 @@ run: install
 ifdef SOURCE
 	@# The shell, not make, makes the path absolute, so spaces in it survive.
 	source_dir="$$(cd -- "$(SOURCE)" && pwd)" && dvc exp run -S "data.source=$$source_dir"
+else ifeq ($(origin SOURCE),command line)
+	@# SOURCE= with nothing after it, for example from an unset shell variable.
+	@echo "error: SOURCE is empty; give the folder of a local copy of the upstream data/ folder, or leave SOURCE out to download it" >&2 && exit 2
 else
 	dvc repro
 endif

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from conftest import PROJECT_ROOT
 from project import dvc, git, locked_outputs, make_project, run
 from synthetic import make_dataset
 
@@ -91,3 +92,21 @@ def test_push_clone_pull_reproduces_nothing(committed, tmp_path):
     assert "Running stage" not in repro
     assert file_digests(clone, outputs) == file_digests(committed, outputs)
     assert len(file_digests(clone, outputs)) > 20
+
+
+def test_readme_recovery_after_an_invalid_value(committed):
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    params = (committed / "params.yaml").read_bytes()
+
+    with pytest.raises(AssertionError, match="detect.contamination"):
+        dvc(committed, "exp", "run", "-S", "detect.contamination=0.6")
+    # DVC removed the stage's outputs before the stage rejected the value.
+    assert not (committed / "metrics/detect.json").exists()
+    assert b"contamination: 0.6" in (committed / "params.yaml").read_bytes()
+    # The commands the README gives, in its order.
+    assert "git checkout params.yaml metrics/\ndvc checkout\n" in readme
+    git(committed, "checkout", "params.yaml", "metrics/")
+    dvc(committed, "checkout")
+
+    assert (committed / "params.yaml").read_bytes() == params
+    assert json.loads(dvc(committed, "status", "--json").stdout) == {}

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import subprocess
 import threading
@@ -123,6 +124,10 @@ class FakeUpstream(ThreadingHTTPServer):
         self.plan: dict[str, list[int | str]] = {}
         self.honour_range = True
         self.truncated = False
+        # Body sent for every trees API request instead of the real listing.
+        self.tree_body: bytes | None = None
+        # Seconds to wait before each 4 KiB piece of a raw file: a slow link.
+        self.piece_delay = 0.0
         base = f"http://127.0.0.1:{self.server_address[1]}"
         self.api_url = f"{base}/api"
         self.raw_url = f"{base}/raw"
@@ -169,6 +174,9 @@ class UpstreamHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def send_tree(self, request: str) -> None:
+        if self.server.tree_body is not None:
+            self.reply(200, self.server.tree_body, {"Content-Type": "application/json"})
+            return
         sha, _, query = request.partition("?")
         folders = {tree_sha1(folder): folder for folder in FOLDERS}
         folders[COMMIT] = ""
@@ -200,7 +208,16 @@ class UpstreamHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(content) - 1}/{len(content)}")
         self.end_headers()
         # HTTP/1.0: returning closes the connection, so a cut body arrives short.
-        self.wfile.write(body[: len(body) // 2] if cut else body)
+        body = body[: len(body) // 2] if cut else body
+        if not self.server.piece_delay:
+            self.wfile.write(body)
+            return
+        for start in range(0, len(body), 4096):
+            time.sleep(self.server.piece_delay)
+            try:
+                self.wfile.write(body[start : start + 4096])
+            except OSError:
+                return  # the client hung up
 
 
 @pytest.fixture
@@ -230,6 +247,11 @@ def run_fetch(upstream: FakeUpstream, tmp_path: Path, **options) -> int:
                      sleep=lambda seconds: None)
     arguments.update(options)
     return fetch_remote(REPO, COMMIT, 6, tmp_path / "raw", **arguments)
+
+
+def raw_requests(upstream: FakeUpstream) -> list[Request]:
+    with upstream.lock:
+        return [request for request in upstream.requests if request.path.startswith(RAW_PREFIX)]
 
 
 def closed_port() -> int:
@@ -407,6 +429,24 @@ def test_get_json_retries_503(upstream):
     assert waits == [0.25, 0.5]
 
 
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b"[1, 2]", "is not a git tree listing"),
+        (b'"hello"', "is not a git tree listing"),
+        (b'{"tree": 5}', "is not a git tree listing"),
+        (b'{"tree": [1, 2]}', "has an entry that is not a JSON object: 1"),
+    ],
+)
+def test_malformed_listing_is_download_error(upstream, body, message):
+    upstream.tree_body = body
+    downloader = Downloader(0, 5.0)
+
+    # These raised AttributeError with a traceback.
+    with pytest.raises(DownloadError, match=message):
+        list_remote_files(downloader, upstream.api_url, REPO, COMMIT, 3)
+
+
 def test_get_json_404_fails_at_once(upstream):
     url = f"{upstream.api_url}/repos/{REPO}/git/trees/{'f' * 40}"
 
@@ -475,14 +515,14 @@ def test_rerun_fetches_only_missing_files(upstream, tmp_path):
     upstream.served[bad] = bytes(len(FILES[bad]))
     with pytest.raises(DownloadError):
         run_fetch(upstream, tmp_path, retries=0)
-    # The failure cancels the downloads that had not started, so which files
-    # are already verified depends on thread timing.
+    # The failure cancels the other downloads, so which files are already
+    # verified, or complete but not yet verified, depends on thread timing.
     staging = tmp_path / "download" / f"{COMMIT}-digit6"
-    verified = {
-        "data/" + path.relative_to(staging).as_posix()
-        for path in staging.rglob("*")
-        if path.is_file() and not path.name.endswith(".part")
-    }
+    verified = set()
+    for path in staging.rglob("*"):
+        name = "data/" + path.relative_to(staging).as_posix().removesuffix(".part")
+        if path.is_file() and path.stat().st_size == len(FILES[name]):
+            verified.add(name)
     upstream.served[bad] = FILES[bad]
     upstream.requests.clear()
 
@@ -546,6 +586,32 @@ def test_wrong_part_file_restarts(upstream, tmp_path):
     assert download(upstream, LONG, target) is True
     assert [request.range for request in upstream.raw_requests(LONG)] == ["bytes=1000-", None]
     assert target.read_bytes() == FILES[LONG]
+
+
+def test_wrong_part_restarts_without_retries(upstream, tmp_path):
+    target = tmp_path / "6_03_1.wav"
+    target.with_name("6_03_1.wav.part").write_bytes(b"\xff" * 1000)
+
+    # Starting over from a bad kept part does not use up one of the attempts.
+    assert download(upstream, LONG, target, retries=0) is True
+    assert target.read_bytes() == FILES[LONG]
+
+
+def test_short_complete_response_is_not_kept(upstream, tmp_path):
+    upstream.served[LONG] = b"<html>not the recording</html>"
+    target = tmp_path / "6_03_1.wav"
+
+    with pytest.raises(DownloadError) as error:
+        download(upstream, LONG, target, retries=0)
+
+    message = str(error.value)
+    assert f"the server's complete response has 30 bytes, the file of the pinned commit {len(FILES[LONG])}" in message
+    assert "data.raw_url" in message
+    assert "(after 1 attempt)" in message
+    assert not target.with_name("6_03_1.wav.part").exists()
+    upstream.served[LONG] = FILES[LONG]
+    assert download(upstream, LONG, target, retries=0) is True
+    assert [request.range for request in upstream.raw_requests(LONG)] == [None, None]
 
 
 def test_server_ignoring_range_still_works(upstream, tmp_path):
@@ -633,6 +699,32 @@ def test_unreachable_api_fails_fast(direct_connections, tmp_path):
 
     assert time.monotonic() - started < 10
     assert "ConnectionError" in str(error.value)
+
+
+@pytest.mark.timeout(60)
+def test_interrupt_stops_running_and_queued_downloads(upstream, tmp_path):
+    # About 0.5 s per 4 KiB piece: each file takes several seconds.
+    upstream.piece_delay = 0.5
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    started = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_fetch(upstream, tmp_path, workers=2)
+    finally:
+        timer.cancel()
+    stopped = time.monotonic()
+    requests_at_stop = len(raw_requests(upstream))
+    time.sleep(1.5)
+
+    # The two running transfers ended at their next piece and no queued file started.
+    assert stopped - started < 1.0 + 3.0
+    assert requests_at_stop == 2
+    assert len(raw_requests(upstream)) == 2
+    assert not (tmp_path / "raw").exists()
+    parts = list((tmp_path / "download").rglob("*.part"))
+    assert len(parts) == 2
+    assert all(part.stat().st_size > 0 for part in parts)
 
 
 @pytest.mark.timeout(60)

@@ -399,6 +399,14 @@ def test_cli_missing_source(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_source_file_is_not_a_folder(tmp_path):
+    recording = write_wav(tmp_path / "6_01_0.wav", speech_like(np.random.default_rng(1), 0.5))
+    result = run_cli("--source", str(recording), "--out", str(tmp_path / "out"), "--count", "10")
+
+    # It said "not found" for a file that exists.
+    assert_user_error(result, f"source folder '{recording}' is not a folder")
+
+
 def test_cli_source_without_digit(tmp_path):
     write_wav(tmp_path / "data" / "01" / "7_01_0.wav", speech_like(np.random.default_rng(1), 0.5))
     result = run_cli(

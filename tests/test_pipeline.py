@@ -204,6 +204,31 @@ def test_score_out_folder_is_a_clear_error(project, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_score_out_dash_is_standard_output(project):
+    result = subprocess.run(
+        [str(BIN / "python"), "-m", "audiomnist_anomalies.score", "data/raw/02/6_02_1.wav",
+         "--out", "-"],
+        cwd=project, capture_output=True, text=True, timeout=120,
+    )
+
+    # A file named "-" was written before.
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1].startswith("data/raw/02/6_02_1.wav,scored,")
+    assert not (project / "-").exists()
+
+
+def test_score_empty_out_is_a_usage_error(project):
+    result = subprocess.run(
+        [str(BIN / "python"), "-m", "audiomnist_anomalies.score", "data/raw/02/6_02_1.wav",
+         "--out", ""],
+        cwd=project, capture_output=True, text=True, timeout=120,
+    )
+
+    assert result.returncode == 2
+    assert "--out is empty; give a CSV file name, or - for standard output" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_score_missing_params_file_names_it(project, tmp_path):
     result = subprocess.run(
         [str(BIN / "python"), "-m", "audiomnist_anomalies.score", "data/raw/02/6_02_1.wav",

@@ -209,6 +209,9 @@ def test_evaluate_warns_when_set_too_small(tmp_path, monkeypatch, caplog):
     # 11 defect types need 11 of the 30 recordings: 37%, not 5%.
     assert "11 of the 30 recordings are corrupted (37%, evaluate.fraction is 0.05)" in caplog.text
     assert json.loads((tmp_path / "metrics/evaluate.json").read_text())["corrupted"] == 11
+    # The flagged recordings are too few for PaCMAP; the warning used to say "cluster:".
+    assert "evaluate: 11 recordings are too few for PaCMAP" in caplog.text
+    assert "cluster: " not in caplog.text
 
 
 def test_damaged_outputs_give_clear_errors(tmp_path):

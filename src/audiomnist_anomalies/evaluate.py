@@ -204,6 +204,7 @@ def map_and_cluster(
         random_state=settings["random_state"],
         parameter_prefix="cluster",
         max_fit=max_fit,
+        stage="evaluate",
     )
     return cluster_map(embedding, n_clusters, settings["random_state"], stage="evaluate")[0]
 

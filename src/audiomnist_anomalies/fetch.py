@@ -206,7 +206,7 @@ class Downloader:
                 last_error = error
                 continue
             if response.status_code in RETRY_STATUSES:
-                last_error = DownloadError(f"HTTP {response.status_code} from {url}")
+                last_error = _RetryableStatus(f"HTTP {response.status_code} from {url}")
                 continue
             if response.status_code != 200:
                 raise DownloadError(
@@ -217,7 +217,8 @@ class Downloader:
                 return response.json()
             except ValueError:
                 raise DownloadError(f"the response from {url} is not JSON") from None
-        raise _unreachable(url, last_error)
+        attempts = f"after {self.retries + 1} attempt{'s' if self.retries else ''}"
+        raise _unreachable(url, last_error, attempts)
 
     def download(
         self, url: str, file: RemoteFile, target: Path, progress: tqdm | None = None
@@ -247,53 +248,77 @@ class Downloader:
         partial = target.with_name(target.name + ".part")
         if partial.exists():
             self._advance(progress, min(partial.stat().st_size, file.size))
-        last_error: Exception | None = None
-        for attempt in range(self.retries + 1):
-            if attempt:
-                self._backoff(attempt - 1, url, last_error)
-            offset = partial.stat().st_size if partial.exists() else 0
-            if offset > file.size:
-                partial.unlink()
-                self._advance(progress, -file.size)
-                offset = 0
-            try:
-                if offset < file.size:
-                    self._transfer(url, partial, offset, progress)
-            except (
-                requests.ConnectionError,
-                requests.Timeout,
-                requests.exceptions.ChunkedEncodingError,
-                urllib3.exceptions.HTTPError,
-                OSError,
-            ) as error:
-                last_error = error
+        failures = 0
+        while True:
+            error = self._attempt(url, file, partial, progress)
+            if error is None:
+                os.replace(partial, target)
+                return True
+            if isinstance(error, _StalePartial):
+                # A part kept from an earlier run did not verify: start over at once.
                 continue
-            except _RetryableStatus as error:
-                last_error = error
-                continue
-            size = partial.stat().st_size if partial.exists() else 0
-            if size < file.size:
-                last_error = DownloadError(
-                    f"{file.path}: transfer stopped at {size} of {file.size} bytes"
-                )
-                continue
-            if size > file.size or git_blob_sha1(partial) != file.git_sha1:
-                partial.unlink()
-                last_error = DownloadError(
-                    f"{file.path}: content does not match the git blob hash "
-                    f"{file.git_sha1} of the pinned commit"
-                )
-                self._advance(progress, -size)
-                continue
-            os.replace(partial, target)
-            return True
-        if isinstance(last_error, DownloadError):
-            raise DownloadError(f"{last_error} (after {self.retries + 1} attempts)")
-        raise _unreachable(url, last_error)
+            failures += 1
+            if failures > self.retries:
+                break
+            self._backoff(failures - 1, url, error)
+        attempts = f"after {failures} attempt{'s' if failures != 1 else ''}"
+        if isinstance(error, DownloadError):
+            raise DownloadError(f"{error} ({attempts})")
+        raise _unreachable(url, error, attempts)
+
+    def _attempt(
+        self, url: str, file: RemoteFile, partial: Path, progress: tqdm | None
+    ) -> Exception | None:
+        """Download or resume ``partial`` once; return None when it verifies, else the error."""
+        offset = partial.stat().st_size if partial.exists() else 0
+        if offset > file.size:
+            partial.unlink()
+            self._advance(progress, -file.size)
+            offset = 0
+        complete = True
+        try:
+            if offset < file.size:
+                complete = self._transfer(url, partial, offset, progress)
+        except (
+            requests.ConnectionError,
+            requests.Timeout,
+            requests.exceptions.ChunkedEncodingError,
+            urllib3.exceptions.HTTPError,
+            OSError,
+            _RetryableStatus,
+        ) as error:
+            return error
+        size = partial.stat().st_size if partial.exists() else 0
+        if size < file.size and not complete:
+            return DownloadError(f"{file.path}: transfer stopped at {size} of {file.size} bytes")
+        if size < file.size:
+            # The server completed its response, so its file is a different one.
+            partial.unlink()
+            self._advance(progress, -size)
+            return DownloadError(
+                f"{file.path}: the server's complete response has {size} bytes, the file "
+                f"of the pinned commit {file.size}; check data.raw_url in params.yaml"
+            )
+        if size > file.size or git_blob_sha1(partial) != file.git_sha1:
+            partial.unlink()
+            self._advance(progress, -size)
+            if offset:
+                return _StalePartial()
+            return DownloadError(
+                f"{file.path}: content does not match the git blob hash "
+                f"{file.git_sha1} of the pinned commit"
+            )
+        return None
 
     def _transfer(
         self, url: str, partial: Path, offset: int, progress: tqdm | None
-    ) -> None:
+    ) -> bool:
+        """Append the server's bytes from ``offset`` on to ``partial``.
+
+        Returns True when the whole response arrived, as long as its
+        Content-Length header says, and False when it ended early or has no
+        Content-Length.
+        """
         # Byte ranges refer to the stored file, so ask for it without compression.
         headers = {"Accept-Encoding": "identity"}
         if offset:
@@ -318,13 +343,20 @@ class Downloader:
                 )
             # read1 returns whatever has arrived, so a dropped connection loses no
             # received bytes; iter_content would discard a partly filled chunk.
+            received = 0
             with open(partial, mode) as handle:
                 while True:
+                    if self.cancelled.is_set():
+                        # Stop between chunks; the bytes so far stay for a resume.
+                        raise DownloadError("cancelled")
                     chunk = response.raw.read1(CHUNK_SIZE)
                     if not chunk:
                         break
                     handle.write(chunk)
+                    received += len(chunk)
                     self._advance(progress, len(chunk))
+            length = response.headers.get("Content-Length", "")
+            return length.isdigit() and received == int(length)
 
     def _advance(self, progress: tqdm | None, count: int) -> None:
         if progress is not None and count:
@@ -333,13 +365,23 @@ class Downloader:
 
 
 class _RetryableStatus(Exception):
-    pass
+    """An HTTP status worth retrying, such as 503."""
 
 
-def _unreachable(url: str, error: Exception | None) -> DownloadError:
+class _StalePartial(Exception):
+    """A resumed download did not verify, so the part kept from before was wrong."""
+
+
+def _unreachable(url: str, error: Exception | None, attempts: str) -> DownloadError:
+    if isinstance(error, _RetryableStatus):
+        problem = f"{error} {attempts}; the server has a problem"
+    elif isinstance(error, requests.Timeout):
+        problem = f"{url} timed out {attempts} ({error})"
+    else:
+        name = type(error).__name__ if error else "no response"
+        problem = f"cannot reach {url} {attempts} ({name}: {error})"
     return DownloadError(
-        f"cannot reach {url} ({type(error).__name__ if error else 'no response'}: "
-        f"{error}). Without network access, point data.source at a local copy of "
+        f"{problem}. Without network access, point data.source at a local copy of "
         "the upstream data/ folder, for example "
         "'dvc exp run -S data.source=/path/to/AudioMNIST/data' or edit params.yaml."
     )
@@ -355,26 +397,42 @@ def list_remote_files(
     one speaker folder at a time.
     """
     base = f"{api_url.rstrip('/')}/repos/{repo}/git/trees"
-    listing = downloader.get_json(f"{base}/{commit}?recursive=1")
+    listing = _get_tree(downloader, f"{base}/{commit}?recursive=1")
     if not listing.get("truncated"):
-        return select_remote_files(listing.get("tree", []), digit)
-    top = downloader.get_json(f"{base}/{commit}")
+        return select_remote_files(listing["tree"], digit)
+    top = _get_tree(downloader, f"{base}/{commit}")
     data_tree = next(
-        (entry for entry in top.get("tree", []) if entry.get("path") == "data"), None
+        (entry for entry in top["tree"] if entry.get("path") == "data"), None
     )
     if data_tree is None:
         raise DownloadError(f"{repo}@{commit} has no data/ folder")
     entries = []
-    data_listing = downloader.get_json(f"{base}/{data_tree['sha']}")
-    for entry in data_listing.get("tree", []):
+    for entry in _get_tree(downloader, f"{base}/{data_tree.get('sha')}")["tree"]:
         if entry.get("type") == "tree":
-            speaker = downloader.get_json(f"{base}/{entry['sha']}")
-            for child in speaker.get("tree", []):
-                child = dict(child, path=f"data/{entry['path']}/{child.get('path', '')}")
+            speaker = _get_tree(downloader, f"{base}/{entry.get('sha')}")
+            for child in speaker["tree"]:
+                child = dict(child, path=f"data/{entry.get('path')}/{child.get('path', '')}")
                 entries.append(child)
         else:
             entries.append(dict(entry, path=f"data/{entry.get('path', '')}"))
     return select_remote_files(entries, digit)
+
+
+def _get_tree(downloader: Downloader, url: str) -> dict[str, Any]:
+    """GET one git tree listing and check its shape: an object whose "tree" lists objects."""
+    listing = downloader.get_json(url)
+    if not isinstance(listing, dict) or not isinstance(listing.get("tree", []), list):
+        raise DownloadError(
+            f"the response from {url} is not a git tree listing (a JSON object with a "
+            "'tree' list); check data.api_url in params.yaml"
+        )
+    tree = listing.setdefault("tree", [])
+    for entry in tree:
+        if not isinstance(entry, dict):
+            raise DownloadError(
+                f"the listing from {url} has an entry that is not a JSON object: {entry!r:.80}"
+            )
+    return listing
 
 
 def write_checksums(folder: Path) -> int:
@@ -415,6 +473,13 @@ def fetch_remote(
     files = load_manifest(commit, digit)
     if files is None:
         files = list_remote_files(downloader, api_url, repo, commit, digit)
+    if not any(file.path == f"data/{METADATA_FILE}" for file in files):
+        log.warning(
+            "fetch: %s@%s has no data/%s; the analysis continues without metadata",
+            repo,
+            commit[:12],
+            METADATA_FILE,
+        )
     staging = download_dir / f"{commit}-digit{digit}"
     staging.mkdir(parents=True, exist_ok=True)
     total = sum(file.size for file in files)
@@ -437,15 +502,15 @@ def fetch_remote(
 
         transferred = 0
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(fetch_one, file) for file in files]
             try:
+                futures = [pool.submit(fetch_one, file) for file in files]
                 for future in as_completed(futures):
                     transferred += future.result()
             except BaseException:
-                # Without this, the pool would still try every remaining file.
+                # On a failure or an interrupt, even while files are still being
+                # submitted, drop the queued files and stop the running transfers.
                 downloader.cancelled.set()
-                for future in futures:
-                    future.cancel()
+                pool.shutdown(wait=False, cancel_futures=True)
                 raise
     log.info("fetch: %d files transferred, %d already verified", transferred, len(files) - transferred)
     selected = {file.path[len("data/") :] for file in files}

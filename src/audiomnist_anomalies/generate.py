@@ -186,8 +186,9 @@ def find_source_recordings(source: Path, digit: int) -> dict[str, dict[int, Path
         If ``source`` is not a folder or contains no recordings of ``digit``.
     """
     if not source.is_dir():
+        problem = "is not a folder" if source.exists() else "not found"
         raise ParameterError(
-            f"source folder {str(source)!r} not found. Give a folder in the upstream "
+            f"source folder {str(source)!r} {problem}. Give a folder in the upstream "
             "data/ layout ({speaker}/{digit}_{speaker}_{repetition}.wav and "
             f"{METADATA_FILE})."
         )

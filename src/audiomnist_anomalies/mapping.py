@@ -81,6 +81,7 @@ def pacmap_embedding(
     random_state: int,
     parameter_prefix: str,
     max_fit: int | None = None,
+    stage: str | None = None,
 ) -> tuple[np.ndarray, str]:
     """Embed rows of ``features`` in two dimensions with PaCMAP.
 
@@ -102,6 +103,8 @@ def pacmap_embedding(
         ``max_fit`` rows and places the others with its ``transform``, in
         batches; each placed point depends only on the fitted map, so the
         cost grows linearly beyond ``max_fit``.
+    stage : str, optional
+        Stage that names the log messages; ``parameter_prefix`` by default.
 
     Returns
     -------
@@ -114,6 +117,7 @@ def pacmap_embedding(
     PipelineError
         If there are no rows, or PaCMAP returns non-finite coordinates.
     """
+    stage = stage or parameter_prefix
     n_points = features.shape[0]
     if n_points == 0:
         raise PipelineError("cannot map an empty set of recordings")
@@ -121,7 +125,7 @@ def pacmap_embedding(
         log.warning(
             "%s: %d recordings are too few for PaCMAP (at least %d); using the first "
             "two principal components instead",
-            parameter_prefix,
+            stage,
             n_points,
             MIN_PACMAP_POINTS,
         )
@@ -133,7 +137,8 @@ def pacmap_embedding(
     neighbors, mid_near, further = pair_counts(fit_points, n_neighbors, mn_ratio, fp_ratio)
     if neighbors != n_neighbors:
         log.warning(
-            "%s.n_neighbors = %d is too large for %d recordings; using %d",
+            "%s: %s.n_neighbors = %d is too large for %d recordings; using %d",
+            stage,
             parameter_prefix,
             n_neighbors,
             n_points,
@@ -146,7 +151,7 @@ def pacmap_embedding(
         log.info(
             "%s: PaCMAP fitted on a sample of %d of %d recordings, the others placed "
             "with its transform (compute.max_fit_recordings)",
-            parameter_prefix,
+            stage,
             max_fit,
             n_points,
         )

@@ -185,9 +185,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE", help="WAV files to score")
     parser.add_argument(
         "--out",
-        type=Path,
         metavar="CSV",
-        help="write the rows to this CSV file instead of standard output",
+        help="write the rows to this CSV file instead of standard output ('-')",
     )
     parser.add_argument(
         "--params",
@@ -204,7 +203,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns 0, or 2 when the models are missing."""
-    options = make_parser().parse_args(argv)
+    parser = make_parser()
+    options = parser.parse_args(argv)
+    if options.out == "":
+        parser.error("--out is empty; give a CSV file name, or - for standard output")
+    options.out = None if options.out in (None, "-") else Path(options.out)
     configure_logging(options.debug)
     started = time.perf_counter()
     try:
