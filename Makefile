@@ -23,7 +23,10 @@ install: $(VENV)/installed
 run: install
 ifdef SOURCE
 	@# The shell, not make, makes the path absolute, so spaces in it survive.
-	source_dir="$$(cd -- "$(SOURCE)" && pwd)" && dvc exp run -S "data.source=$$source_dir"
+	@# The value is quoted for DVC's -S syntax, where ( , = and ' have meanings.
+	source_dir="$$(cd -- "$(SOURCE)" && pwd)" && \
+	quoted="$$(printf '%s' "$$source_dir" | sed "s/'/\\\\'/g")" && \
+	dvc exp run -S "data.source='$$quoted'"
 else ifeq ($(origin SOURCE),command line)
 	@# SOURCE= with nothing after it, for example from an unset shell variable.
 	@echo "error: SOURCE is empty; give the folder of a local copy of the upstream data/ folder, or leave SOURCE out to download it" >&2 && exit 2

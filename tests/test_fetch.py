@@ -27,6 +27,8 @@ import pytest
 
 from audiomnist_anomalies.errors import DownloadError, ParameterError
 from audiomnist_anomalies.fetch import (
+    MAX_BACKOFF_SECONDS,
+    STOP_SECONDS,
     Downloader,
     RemoteFile,
     fetch_local,
@@ -725,6 +727,48 @@ def test_interrupt_stops_running_and_queued_downloads(upstream, tmp_path):
     parts = list((tmp_path / "download").rglob("*.part"))
     assert len(parts) == 2
     assert all(part.stat().st_size > 0 for part in parts)
+
+
+@pytest.mark.timeout(60)
+def test_interrupt_does_not_wait_for_stalled_server(upstream, tmp_path):
+    # The first piece of each file would come after 30 s, within data.timeout.
+    upstream.piece_delay = 30.0
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    started = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_fetch(upstream, tmp_path, workers=2, timeout=40.0)
+    finally:
+        timer.cancel()
+
+    # It waited for the read time-out of 40 s before.
+    assert time.monotonic() - started < 1.0 + 2 * STOP_SECONDS + 1.0
+    assert len(raw_requests(upstream)) == 2
+
+
+@pytest.mark.timeout(60)
+def test_retry_wait_ends_on_cancel():
+    downloader = Downloader(10, 5.0)
+    timer = threading.Timer(0.5, downloader.cancelled.set)
+    started = time.monotonic()
+    timer.start()
+
+    # The seventh retry waits 16 s unless the download is cancelled.
+    with pytest.raises(DownloadError, match="cancelled"):
+        downloader._backoff(6, "http://127.0.0.1/x", None)
+    assert time.monotonic() - started < 3.0
+
+
+def test_retry_waits_are_capped():
+    waits = []
+    downloader = Downloader(20, 5.0, sleep=waits.append)
+    for attempt in range(20):
+        downloader._backoff(attempt, "http://127.0.0.1/x", None)
+
+    assert waits[:3] == [0.25, 0.5, 1.0]
+    assert max(waits) == MAX_BACKOFF_SECONDS
+    assert sum(waits) < 20 * MAX_BACKOFF_SECONDS
 
 
 @pytest.mark.timeout(60)

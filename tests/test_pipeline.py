@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +218,31 @@ def test_score_out_dash_is_standard_output(project):
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1].startswith("data/raw/02/6_02_1.wav,scored,")
     assert not (project / "-").exists()
+
+
+def test_score_out_writes_through_links_and_pipes(project, tmp_path):
+    real = tmp_path / "real.csv"
+    link = tmp_path / "link.csv"
+    link.symlink_to(real)
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(pipe.read_text()), daemon=True)
+    reader.start()
+    for out in (link, pipe):
+        result = subprocess.run(
+            [str(BIN / "python"), "-m", "audiomnist_anomalies.score", "data/raw/02/6_02_1.wav",
+             "--out", str(out)],
+            cwd=project, capture_output=True, text=True, timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+    reader.join(timeout=60)
+
+    # The atomic write used to replace the link and the pipe (and /dev/null) with files.
+    assert link.is_symlink()
+    assert real.read_text().splitlines()[1].startswith("data/raw/02/6_02_1.wav,scored,")
+    assert stat.S_ISFIFO(pipe.stat().st_mode)
+    assert received[0].splitlines()[1].startswith("data/raw/02/6_02_1.wav,scored,")
 
 
 def test_score_empty_out_is_a_usage_error(project):

@@ -20,11 +20,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import re
 import shutil
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -46,6 +45,13 @@ RAW_DIR = Path("data/raw")
 DOWNLOAD_DIR = Path("data/.download")
 CHUNK_SIZE = 1 << 16
 BACKOFF_SECONDS = 0.25
+# Maximum wait between two attempts, in seconds; without it, the 20th retry
+# would wait 36 hours.
+MAX_BACKOFF_SECONDS = 30.0
+# After an interrupt or a failure, how long to give each download thread to
+# stop before the stage goes on without it. A thread blocked in a read that
+# waits for data.timeout ends with the process, as a daemon thread.
+STOP_SECONDS = 1.0
 RECORDING_NAME = re.compile(r"(?P<digit>\d)_(?P<speaker>\d+)_(?P<repetition>\d+)\.wav")
 # HTTP statuses worth retrying: rate limits and server-side failures.
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
@@ -162,21 +168,23 @@ class Downloader:
         Extra attempts after a failed request.
     timeout : float
         Connect and read timeout in seconds.
-    sleep : callable
-        Waits between attempts; tests pass a no-op.
+    sleep : callable, optional
+        Waits between attempts; tests pass a no-op. By default the wait ends
+        early when the download is cancelled.
     """
 
     def __init__(
-        self, retries: int, timeout: float, sleep: Callable[[float], None] = time.sleep
+        self, retries: int, timeout: float, sleep: Callable[[float], Any] | None = None
     ) -> None:
         self.retries = retries
         self.timeout = timeout
-        self.sleep = sleep
         self.session = requests.Session()
         self.session.headers["User-Agent"] = "audiomnist-anomalies"
         self._progress_lock = threading.Lock()
-        # Set when one file has failed for good, so the other workers stop retrying.
+        # Set when one file has failed for good or the stage is interrupted, so
+        # the other workers stop.
         self.cancelled = threading.Event()
+        self.sleep = sleep or self.cancelled.wait
 
     def _backoff(self, attempt: int, url: str, error: Exception | None) -> None:
         if self.cancelled.is_set():
@@ -188,7 +196,9 @@ class Downloader:
             attempt + 1,
             self.retries,
         )
-        self.sleep(BACKOFF_SECONDS * 2**attempt)
+        self.sleep(min(BACKOFF_SECONDS * 2**attempt, MAX_BACKOFF_SECONDS))
+        if self.cancelled.is_set():
+            raise DownloadError("cancelled after another file failed")
 
     def get_json(self, url: str) -> Any:
         """GET ``url`` and decode JSON, retrying transient failures."""
@@ -315,9 +325,9 @@ class Downloader:
     ) -> bool:
         """Append the server's bytes from ``offset`` on to ``partial``.
 
-        Returns True when the whole response arrived, as long as its
-        Content-Length header says, and False when it ended early or has no
-        Content-Length.
+        Returns True when the whole response arrived, with as many bytes as
+        its Content-Length header gives, and False when it ended early or has
+        no Content-Length.
         """
         # Byte ranges refer to the stored file, so ask for it without compression.
         headers = {"Accept-Encoding": "identity"}
@@ -457,7 +467,7 @@ def fetch_remote(
     timeout: float,
     workers: int,
     download_dir: Path = DOWNLOAD_DIR,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], Any] | None = None,
 ) -> int:
     """Download and verify the digit's files, then move them to ``output``.
 
@@ -500,18 +510,7 @@ def fetch_remote(
             target = staging / file.path[len("data/") :]
             return downloader.download(f"{raw_base}/{file.path}", file, target, progress)
 
-        transferred = 0
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            try:
-                futures = [pool.submit(fetch_one, file) for file in files]
-                for future in as_completed(futures):
-                    transferred += future.result()
-            except BaseException:
-                # On a failure or an interrupt, even while files are still being
-                # submitted, drop the queued files and stop the running transfers.
-                downloader.cancelled.set()
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
+        transferred = sum(_run_threads(fetch_one, files, workers, downloader.cancelled))
     log.info("fetch: %d files transferred, %d already verified", transferred, len(files) - transferred)
     selected = {file.path[len("data/") :] for file in files}
     with atomic_directory(output) as folder:
@@ -522,6 +521,55 @@ def fetch_remote(
         write_checksums(folder)
     shutil.rmtree(staging, ignore_errors=True)
     return sum(1 for name in selected if name.endswith(".wav"))
+
+
+def _run_threads(
+    function: Callable[[Any], Any], items: list[Any], workers: int, cancelled: threading.Event
+) -> list[Any]:
+    """Return ``function(item)`` for every item, computed by ``workers`` daemon threads.
+
+    The first error, or an interrupt in this thread, sets ``cancelled`` and
+    is raised here after at most ``STOP_SECONDS`` per thread: queued items
+    are not started, and running ones stop at their next check of
+    ``cancelled``. The threads are daemon threads, so one that is still
+    blocked in a read does not keep the process alive.
+    """
+    waiting: queue.SimpleQueue = queue.SimpleQueue()
+    for item in items:
+        waiting.put(item)
+    finished: queue.SimpleQueue = queue.SimpleQueue()
+
+    def work() -> None:
+        while not cancelled.is_set():
+            try:
+                item = waiting.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                finished.put((True, function(item)))
+            except BaseException as error:  # handed to the calling thread
+                finished.put((False, error))
+                return
+
+    threads = [
+        threading.Thread(target=work, name=f"download-{index}", daemon=True)
+        for index in range(min(workers, len(items)))
+    ]
+    results = []
+    try:
+        for thread in threads:
+            thread.start()
+        for _ in items:
+            succeeded, value = finished.get()
+            if not succeeded:
+                raise value
+            results.append(value)
+    except BaseException:
+        cancelled.set()
+        for thread in threads:
+            thread.join(timeout=STOP_SECONDS)
+        raise
+    return results
 
 
 def fetch_local(source: Path, digit: int, output: Path) -> int:

@@ -22,7 +22,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, TextIO
 
 import joblib
 import numpy as np
@@ -141,7 +141,8 @@ def score_files(
             rows.append(row)
             continue
         # The spectra stage stores features as float32. Rounding them the same
-        # way gives a recording of the pipeline its score in data/scores.csv.
+        # way gives a recording of the pipeline its scores in data/scores.csv,
+        # the reconstruction error to within rounding (about 1e-16).
         features = features.astype(np.float32).astype(np.float64)
         forest_scores, feature_errors = models.score(features[np.newaxis, :])
         forest_score = float(forest_scores[0])
@@ -166,6 +167,14 @@ def score_files(
         )
         rows.append(row)
     return rows
+
+
+def write_rows(handle: TextIO, cells: Iterable[list[Any]]) -> None:
+    """Write the header and the rows of cells to an open text file as CSV."""
+    writer = csv.writer(handle, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for row in cells:
+        writer.writerow([format_value(value) for value in row])
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -241,14 +250,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log.error("score failed: %s", error)
         return EXIT_USER_ERROR
-    if options.out:
-        write_csv(options.out, COLUMNS, ([row[column] for column in COLUMNS] for row in rows))
+    cells = ([row[column] for column in COLUMNS] for row in rows)
+    if options.out is None:
+        write_rows(sys.stdout, cells)
+    elif options.out.exists() and not options.out.is_file():
+        # A device or a pipe, such as /dev/null: write into it. The atomic
+        # write would replace it with a regular file.
+        with open(options.out, "w", encoding="utf-8", newline="") as handle:
+            write_rows(handle, cells)
     else:
-        writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(COLUMNS)
-
-        for row in rows:
-            writer.writerow([format_value(row[column]) for column in COLUMNS])
+        # Through a symbolic link to the file it names, which stays a link.
+        write_csv(options.out.resolve(), COLUMNS, cells)
     scored = sum(row["status"] == "scored" for row in rows)
     log.info(
         "score done in %.1f s: %d scored, %d rejected%s",
