@@ -703,18 +703,23 @@ def test_unreachable_api_fails_fast(direct_connections, tmp_path):
     assert "ConnectionError" in str(error.value)
 
 
+def interrupted_fetch(upstream: FakeUpstream, tmp_path: Path, **options) -> None:
+    """Run fetch_remote and send this process SIGINT (Ctrl-C) after 1 s."""
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_fetch(upstream, tmp_path, **options)
+    finally:
+        timer.cancel()
+
+
 @pytest.mark.timeout(60)
 def test_interrupt_stops_running_and_queued_downloads(upstream, tmp_path):
     # About 0.5 s per 4 KiB piece: each file takes several seconds.
     upstream.piece_delay = 0.5
-    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
     started = time.monotonic()
-    timer.start()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_fetch(upstream, tmp_path, workers=2)
-    finally:
-        timer.cancel()
+    interrupted_fetch(upstream, tmp_path, workers=2)
     stopped = time.monotonic()
     requests_at_stop = len(raw_requests(upstream))
     time.sleep(1.5)
@@ -733,14 +738,8 @@ def test_interrupt_stops_running_and_queued_downloads(upstream, tmp_path):
 def test_interrupt_does_not_wait_for_stalled_server(upstream, tmp_path):
     # The first piece of each file would come after 30 s, within data.timeout.
     upstream.piece_delay = 30.0
-    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
     started = time.monotonic()
-    timer.start()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_fetch(upstream, tmp_path, workers=2, timeout=40.0)
-    finally:
-        timer.cancel()
+    interrupted_fetch(upstream, tmp_path, workers=2, timeout=40.0)
 
     # It waited for the read time-out of 40 s before.
     assert time.monotonic() - started < 1.0 + 2 * STOP_SECONDS + 1.0
