@@ -368,13 +368,35 @@ def test_select_rejects_absolute_paths(path):
         select_remote_files(entries, 6)
 
 
-@pytest.mark.parametrize("change", [{"sha": "abc"}, {"size": "72080"}, {"size": None}])
+@pytest.mark.parametrize(
+    "change", [{"sha": "abc"}, {"size": "72080"}, {"size": None}, {"size": -1}, {"size": True}]
+)
 def test_select_rejects_bad_hash_or_size(change):
     entries = [dict(entry, **change) if entry["path"] == TYPICAL else entry
                for entry in tree_entries("", recursive=True)]
 
     with pytest.raises(DownloadError, match=re.escape(TYPICAL)):
         select_remote_files(entries, 6)
+
+
+def test_select_rejects_path_listed_twice():
+    entries = tree_entries("", recursive=True)
+    twice = entries + [entry for entry in entries if entry["path"] == TYPICAL]
+
+    # Two threads wrote the same partial file, which failed as "input not found".
+    with pytest.raises(DownloadError, match=f"has {TYPICAL} twice"):
+        select_remote_files(twice, 6)
+
+
+def test_cut_transfer_is_not_called_unreachable(upstream, tmp_path):
+    upstream.plan[TYPICAL] = ["cut", "cut"]
+
+    with pytest.raises(DownloadError) as error:
+        download(upstream, TYPICAL, tmp_path / "6_01_0.wav", retries=1)
+
+    message = str(error.value)
+    assert "broke off during the transfer after 2 attempts" in message
+    assert "cannot reach" not in message
 
 
 def test_select_rejects_missing_digit():

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -243,6 +245,29 @@ def test_score_out_writes_through_links_and_pipes(project, tmp_path):
     assert real.read_text().splitlines()[1].startswith("data/raw/02/6_02_1.wav,scored,")
     assert stat.S_ISFIFO(pipe.stat().st_mode)
     assert received[0].splitlines()[1].startswith("data/raw/02/6_02_1.wav,scored,")
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_score_interrupted_exits_cleanly(project, tmp_path, signum, status):
+    out = tmp_path / "scores.csv"
+    process = subprocess.Popen(
+        [str(BIN / "python"), "-m", "audiomnist_anomalies.score",
+         *["data/raw/02/6_02_1.wav"] * 50000, "--out", str(out)],
+        cwd=project, stderr=subprocess.PIPE, text=True,
+    )
+    # Wait for the line logged when scoring starts, after the imports.
+    started = process.stderr.readline()
+    assert "score: 50000 files" in started
+    time.sleep(0.5)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    stderr = started + stderr
+
+    # Ctrl-C printed a traceback, and SIGTERM ended the process without a word.
+    assert process.returncode == status, stderr
+    assert "score interrupted" in stderr
+    assert "Traceback" not in stderr
+    assert not out.exists()
 
 
 def test_score_empty_out_is_a_usage_error(project):

@@ -142,6 +142,7 @@ def select_remote_files(entries: list[dict[str, Any]], digit: int) -> list[Remot
         or the listing has no recordings of the digit.
     """
     files = []
+    seen: set[str] = set()
     for entry in entries:
         path = str(entry.get("path", ""))
         if _unsafe_path(path):
@@ -151,9 +152,19 @@ def select_remote_files(entries: list[dict[str, Any]], digit: int) -> list[Remot
         if not is_selected(path[len("data/") :], digit):
             continue
         sha = str(entry.get("sha", ""))
-        if not re.fullmatch(r"[0-9a-f]{40}", sha) or not isinstance(entry.get("size"), int):
+        size = entry.get("size")
+        if (
+            not re.fullmatch(r"[0-9a-f]{40}", sha)
+            or not isinstance(size, int)
+            or isinstance(size, bool)
+            or size < 0
+        ):
             raise DownloadError(f"the repository listing has no valid hash or size for {path}")
-        files.append(RemoteFile(path, entry["size"], sha))
+        if path in seen:
+            # Two downloads of one path would write the same partial file.
+            raise DownloadError(f"the repository listing has {path} twice")
+        seen.add(path)
+        files.append(RemoteFile(path, size, sha))
     if not any(file.path.endswith(".wav") for file in files):
         raise DownloadError(f"the repository listing has no recordings of digit {digit}")
     return sorted(files, key=lambda file: file.path)
@@ -387,6 +398,8 @@ def _unreachable(url: str, error: Exception | None, attempts: str) -> DownloadEr
         problem = f"{error} {attempts}; the server has a problem"
     elif isinstance(error, requests.Timeout):
         problem = f"{url} timed out {attempts} ({error})"
+    elif _broke_off(error):
+        problem = f"the connection to {url} broke off during the transfer {attempts} ({error})"
     else:
         name = type(error).__name__ if error else "no response"
         problem = f"cannot reach {url} {attempts} ({name}: {error})"
@@ -395,6 +408,14 @@ def _unreachable(url: str, error: Exception | None, attempts: str) -> DownloadEr
         "the upstream data/ folder, for example "
         "'dvc exp run -S data.source=/path/to/AudioMNIST/data' or edit params.yaml."
     )
+
+
+def _broke_off(error: Exception | None) -> bool:
+    """Tell whether ``error`` ended a transfer that had started, not a connection attempt."""
+    if isinstance(error, requests.exceptions.ChunkedEncodingError):
+        return True
+    cause = error.args[0] if isinstance(error, requests.ConnectionError) and error.args else error
+    return isinstance(cause, urllib3.exceptions.ProtocolError)
 
 
 def list_remote_files(

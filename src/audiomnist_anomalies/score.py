@@ -19,6 +19,7 @@ import argparse
 import csv
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .audio import read_wav
-from .cli import EXIT_USER_ERROR, configure_logging, exit_with
+from .cli import EXIT_USER_ERROR, configure_logging, exit_with, interrupted_status, terminate
 from .detect import FEATURES_PATH, load_layout, load_models
 from .features import recording_features
 from .errors import AudioInputError, ParameterError, PipelineError
@@ -211,7 +212,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns 0, or 2 when the models are missing."""
+    """Command-line entry point.
+
+    Returns 0, 2 for a user error such as missing models, 130 when interrupted
+    by Ctrl-C and 143 when stopped by SIGTERM.
+    """
     parser = make_parser()
     options = parser.parse_args(argv)
     if options.out == "":
@@ -219,6 +224,18 @@ def main(argv: list[str] | None = None) -> int:
     options.out = None if options.out in (None, "-") else Path(options.out)
     configure_logging(options.debug)
     started = time.perf_counter()
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        return _score_command(options, started)
+    except KeyboardInterrupt as interrupt:
+        log.error("score interrupted")
+        return interrupted_status(interrupt)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _score_command(options: argparse.Namespace, started: float) -> int:
+    """Score the files named in ``options`` and write the rows; return the exit status."""
     try:
         params = load_params(options.params)
         missing = [
