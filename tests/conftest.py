@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -33,3 +34,25 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     work.mkdir()
     monkeypatch.chdir(work)
     return work
+
+
+@pytest.fixture
+def ctrl_c() -> None:
+    """Let SIGINT raise KeyboardInterrupt in this process, as Ctrl-C does in a terminal.
+
+    A process started in the background by a non-interactive shell (a CI job,
+    for example) begins with SIGINT ignored, and Python then installs no
+    handler for it.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def default_sigint() -> None:
+    """Give a child process the default SIGINT action, for ``preexec_fn``.
+
+    Ignored signals stay ignored across exec, so without this a child of a
+    background process would ignore Ctrl-C too.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

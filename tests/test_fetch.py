@@ -737,7 +737,7 @@ def interrupted_fetch(upstream: FakeUpstream, tmp_path: Path, **options) -> None
 
 
 @pytest.mark.timeout(60)
-def test_interrupt_stops_running_and_queued_downloads(upstream, tmp_path):
+def test_interrupt_stops_running_and_queued_downloads(upstream, tmp_path, ctrl_c):
     # About 0.5 s per 4 KiB piece: each file takes several seconds.
     upstream.piece_delay = 0.5
     started = time.monotonic()
@@ -757,7 +757,7 @@ def test_interrupt_stops_running_and_queued_downloads(upstream, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_interrupt_does_not_wait_for_stalled_server(upstream, tmp_path):
+def test_interrupt_does_not_wait_for_stalled_server(upstream, tmp_path, ctrl_c):
     # The first piece of each file would come after 30 s, within data.timeout.
     upstream.piece_delay = 30.0
     started = time.monotonic()

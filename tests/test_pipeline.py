@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from audiomnist_anomalies.outputs import read_csv
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, default_sigint
 from project import BIN, dvc, locked_outputs, make_project, run
 from synthetic import make_dataset
 
@@ -253,7 +253,7 @@ def test_score_interrupted_exits_cleanly(project, tmp_path, signum, status):
     process = subprocess.Popen(
         [str(BIN / "python"), "-m", "audiomnist_anomalies.score",
          *["data/raw/02/6_02_1.wav"] * 50000, "--out", str(out)],
-        cwd=project, stderr=subprocess.PIPE, text=True,
+        cwd=project, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint,
     )
     # Wait for the line logged when scoring starts, after the imports.
     started = process.stderr.readline()
