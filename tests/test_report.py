@@ -74,6 +74,33 @@ def test_report_loads_in_chromium(report):
     assert screenshot.stat().st_size > 50_000
 
 
+# Records the page's width after loading, for --dump-dom to show.
+WIDTH_PROBE = (
+    "<script>window.addEventListener('load', () => document.body.setAttribute("
+    "'data-scroll-width', document.documentElement.scrollWidth));</script>"
+)
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+@pytest.mark.parametrize("width", [1200, 800])
+def test_report_fits_the_window_width(report, tmp_path, width):
+    page = tmp_path / "index.html"
+    page.write_text(report.read_text().replace("</body>", WIDTH_PROBE + "</body>"))
+    with tempfile.TemporaryDirectory() as profile:
+        dom = subprocess.run(
+            [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},2400",
+             "--virtual-time-budget=3000", "--dump-dom", page.as_uri()],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    # Two wide tables made the page 1223 px wide in a 1200 px window.
+    scroll_width = int(re.search(r'data-scroll-width="(\d+)"', dom.stdout)[1])
+    assert scroll_width <= width
+
+
 def test_report_describes_an_autoencoder(report, monkeypatch):
     # With the autoencoder, metrics/detect.json has no PCA keys; the report
     # raised KeyError 'pca_components'.

@@ -40,8 +40,9 @@ FIGURES = {
 METADATA_COLUMNS = ("speaker", "age", "gender", "accent", "native_speaker", "origin", "recording_room")
 
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }
-h1, h2 { font-weight: 600; } table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; }
+body { font-family: system-ui, sans-serif; margin: 2rem auto; padding: 0 1rem; max-width: 1100px; color: #222; }
+h1, h2 { font-weight: 600; }
+table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; display: block; max-width: 100%; overflow-x: auto; }
 th, td { border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: left; font-size: 0.9rem; }
 th { background: #f2f2f2; } img { max-width: 100%; } .recording { border-top: 1px solid #ddd; padding: 1rem 0; }
 .players { display: flex; gap: 2rem; flex-wrap: wrap; } .players figure { margin: 0; }
